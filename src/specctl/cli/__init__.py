@@ -1,0 +1,85 @@
+"""The `specctl` command: a table from command names to thin command modules.
+
+Command modules import nothing heavy at load time (torch, transformers, mooncake are
+imported inside command bodies) so `specctl --help` stays instant; a test enforces it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from typing import Any
+
+import typer
+
+from specctl.console import debug_enabled, err
+from specctl.errors import SpecctlError
+
+# name -> (module under specctl.cli, one-line help). Order is the order in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "store": ("store", "Run the store: Mooncake data plane + control plane (up/status/down)."),
+    "serve-target": ("serve_target", "Run a target model and stream its hidden states into the store."),
+    "train-draft": ("train_draft", "Train an EAGLE-3 draft from the store under torchrun (FSDP2)."),
+    "eval-accept": ("eval_accept", "Speculative decoding with target + draft: acceptance and speed-up."),
+    "export": ("export", "Write a draft checkpoint as an SGLang / vLLM serving directory."),
+}
+
+app = typer.Typer(
+    name="specctl",
+    help="Train speculative-decoding draft models from streamed target hidden states.\n\n"
+    "Every command prints progress on stderr and one JSON summary line on stdout.\n"
+    "The store address comes from --store HOST:PORT or SPECCTL_STORE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"specctl.cli.{module}")
+        target: Any = mod.command
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name, help=help_text)
+        else:
+            app.command(name=name, help=help_text)(target)
+
+
+_register()
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # Raise into the command so `finally` blocks stop child processes; exit 128+signum.
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        app(standalone_mode=False)
+    except SpecctlError as e:
+        if debug_enabled():
+            raise
+        err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if debug_enabled() or os.environ.get("SPECCTL_TRACEBACK"):
+            raise
+        err.print(f"[bold red]Error:[/] internal error: {type(e).__name__}: {e} "
+                  "(rerun with SPECCTL_DEBUG=1 for the traceback)", highlight=False)
+        sys.exit(1)
