@@ -39,7 +39,7 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "unit and not gpu"
 
 bench: setup
-	$(PY) -m specctl.bench
+	$(PY) bench/run.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

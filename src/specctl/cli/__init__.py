@@ -7,7 +7,6 @@ imported inside command bodies) so `specctl --help` stays instant; a test enforc
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 from typing import Any
@@ -60,25 +59,17 @@ def _on_signal(signum: int, _frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        app(standalone_mode=False)
+        # standalone mode: typer/click print usage errors themselves and exit 2.
+        app()
     except SpecctlError as e:
         if debug_enabled():
             raise
         err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
         sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if debug_enabled() or os.environ.get("SPECCTL_TRACEBACK"):
+    except Exception as e:
+        if debug_enabled():
             raise
         err.print(f"[bold red]Error:[/] internal error: {type(e).__name__}: {e} "
                   "(rerun with SPECCTL_DEBUG=1 for the traceback)", highlight=False)
