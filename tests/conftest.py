@@ -30,12 +30,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run `specctl ARGS` in a subprocess; stdout holds only the JSON summary line."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([*SPECCTL, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [*SPECCTL, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"specctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -19,8 +19,12 @@ from specctl.errors import ConfigError
 T = TypeVar("T")
 
 
-def resolve(cls: type[T], yaml_path: Path | str | None = None, overrides: list[str] | None = None,
-            **flags: Any) -> T:
+def resolve(
+    cls: type[T],
+    yaml_path: Path | str | None = None,
+    overrides: list[str] | None = None,
+    **flags: Any,
+) -> T:
     """Build `cls` from defaults, then a YAML file, then `--set` overrides, then explicit flags.
 
     `flags` are dotted keys too (use `__` for dots: `train__lr=1e-3`); `None` values are skipped
@@ -79,7 +83,9 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     return data
@@ -173,9 +179,20 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     s = text.strip().replace("_", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20,
-             "g": 2**30, "b": 1}
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "k": 2**10,
+        "m": 2**20,
+        "g": 2**30,
+        "b": 1,
+    }
     lower = s.lower()
     for unit in sorted(units, key=len, reverse=True):
         if lower.endswith(unit):

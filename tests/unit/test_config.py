@@ -40,7 +40,7 @@ def test_defaults_yaml_overrides_flags_in_order(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_named_by_dotted_path() -> None:
-    with pytest.raises(ConfigError, match="optim.lrr"):
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
         resolve(Cfg, None, ["optim.lrr=1"])
 
 

@@ -19,9 +19,15 @@ from specctl.errors import SpecctlError
 # name -> (module under specctl.cli, one-line help). Order is the order in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("store", "Run the store: Mooncake data plane + control plane (up/status/down)."),
-    "serve-target": ("serve_target", "Run a target model and stream its hidden states into the store."),
+    "serve-target": (
+        "serve_target",
+        "Run a target model and stream its hidden states into the store.",
+    ),
     "train-draft": ("train_draft", "Train an EAGLE-3 draft from the store under torchrun (FSDP2)."),
-    "eval-accept": ("eval_accept", "Speculative decoding with target + draft: acceptance and speed-up."),
+    "eval-accept": (
+        "eval_accept",
+        "Speculative decoding with target + draft: acceptance and speed-up.",
+    ),
     "export": ("export", "Write a draft checkpoint as an SGLang / vLLM serving directory."),
 }
 
@@ -71,6 +77,9 @@ def main() -> None:
     except Exception as e:
         if debug_enabled():
             raise
-        err.print(f"[bold red]Error:[/] internal error: {type(e).__name__}: {e} "
-                  "(rerun with SPECCTL_DEBUG=1 for the traceback)", highlight=False)
+        err.print(
+            f"[bold red]Error:[/] internal error: {type(e).__name__}: {e} "
+            "(rerun with SPECCTL_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
         sys.exit(1)

@@ -9,8 +9,12 @@ import typer
 
 StoreOpt = Annotated[
     str | None,
-    typer.Option("--store", envvar="SPECCTL_STORE", show_envvar=True,
-                 help="Store address HOST:PORT (printed by `specctl store up`)."),
+    typer.Option(
+        "--store",
+        envvar="SPECCTL_STORE",
+        show_envvar=True,
+        help="Store address HOST:PORT (printed by `specctl store up`).",
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
