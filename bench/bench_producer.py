@@ -1,0 +1,162 @@
+"""Producer throughput on SmolLM2-135M (CPU fp32): specctl's loop vs a naive one, same run.
+
+- `specctl`: the real `serve-target` loop (`target.producer._loop`): token-budget batches,
+  forward hooks on 3 aux layers + the final norm, pack into a reused buffer; the sink keeps
+  records in memory so the figure is the producer's own, not a store's.
+- `naive` (the baseline, ratio 1.0): one sample at a time with `output_hidden_states=True`
+  (all 31 states materialised), `torch.cat` of the aux states, a fresh pack buffer each time.
+- `--full` adds generation (regeneration's cost): batched seeded sampling vs batch 1.
+
+Figures: tokens/s and MB/s of records out. Compare ratios, never absolute rates across runs.
+
+    .venv/bin/python bench/bench_producer.py [--quick] [--samples N] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class MemorySink:
+    """The producer's sink contract, in memory: sequential seqs, one reused buffer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.next, self.bytes = limit, 0, 0
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def lease(self, n: int) -> list[int] | None:
+        seqs = list(range(self.next, min(self.next + n, self.limit)))
+        self.next += len(seqs)
+        return seqs or None
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes]
+
+    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
+        self.bytes += buf.numel()
+        return True
+
+    def done(self, seq: int) -> None:
+        pass
+
+    def inflight_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _specctl(engine, prompts, n: int) -> dict:
+    from specctl.console import Progress
+    from specctl.target.producer import ServeTargetConfig, Totals, _loop
+
+    cfg = ServeTargetConfig(lease_size=8)
+    totals = Totals()
+    t0 = time.perf_counter()
+    with Progress("bench-producer", total=n, every_s=60) as progress:
+        _loop(cfg, engine, prompts, len(prompts), MemorySink(n), torch.bfloat16, totals, progress)
+    return {"seconds": time.perf_counter() - t0, "tokens": totals.tokens, "bytes": totals.bytes}
+
+
+def _naive(engine, prompts, n: int) -> dict:
+    from specctl.pack import pack_record
+    from specctl.target.template import tokenize_conversation
+
+    tokens = nbytes = 0
+    t0 = time.perf_counter()
+    for i in range(n):
+        s = tokenize_conversation(engine.tokenizer, prompts[i].messages)
+        with torch.inference_mode():
+            hs = engine.model(
+                input_ids=torch.tensor([s.input_ids]), output_hidden_states=True
+            ).hidden_states
+        aux = torch.cat([hs[j + 1][0] for j in engine.aux_layers], dim=-1)  # [T, 3H]
+        rec = pack_record(epoch=0, index=i, input_ids=torch.tensor(s.input_ids, dtype=torch.int32),
+                          loss_mask=torch.tensor(s.loss_mask, dtype=torch.uint8),
+                          aux_hidden=aux, last_hidden=hs[-1][0])  # fmt: skip
+        tokens += len(s.input_ids)
+        nbytes += rec.numel()
+    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "bytes": nbytes}
+
+
+def _generation(engine, prompts, n: int, new_tokens: int) -> list[dict]:
+    from specctl.target.engines import SamplingParams
+    from specctl.target.template import encode_text, render
+
+    ids = [encode_text(engine.tokenizer, render(engine.tokenizer, p.messages[:1], add_generation_prompt=True))
+           for p in prompts[:n]]  # fmt: skip
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=new_tokens)
+    rows = []
+    for case, groups in (("batch 1", [[i] for i in range(n)]), (f"batch {n}", [list(range(n))])):
+        t0 = time.perf_counter()
+        made = sum(len(g) for grp in groups
+                   for g in engine.generate([ids[i] for i in grp], params, list(grp)))  # fmt: skip
+        rows.append(
+            {
+                "bench": "producer",
+                "case": f"generate {case}",
+                "new_tokens": made,
+                "tokens_per_s": made / (time.perf_counter() - t0),
+            }
+        )
+    for r in rows:
+        r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark, print the table, return its rows (for bench/run.py)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples")
+    ap.add_argument(
+        "--samples", type=int, default=0, help="samples per case (0: 16 quick, 48 full)"
+    )
+    ap.add_argument("--full", action="store_true", help="also time batched vs batch-1 generation")
+    args = ap.parse_args(argv)
+    from specctl.target.data import load_prompts
+    from specctl.target.engines.hf import HFEngine
+    from specctl.target.models import resolve_model
+
+    n = args.samples or (16 if args.quick else 48)
+    engine = HFEngine(resolve_model("smollm2-135m"), device="cpu")
+    prompts = load_prompts("chatterbot")[:n]
+    _naive(engine, prompts, 2)  # warm-up (allocator, oneDNN)
+    base = _naive(engine, prompts, n)
+    ours = _specctl(engine, prompts, n)
+    rows = []
+    for case, r in (
+        ("naive: output_hidden_states, batch 1", base),
+        ("specctl: hooks, batched", ours),
+    ):
+        rows.append(
+            {
+                "bench": "producer",
+                "case": case,
+                "samples": n,
+                "tokens": r["tokens"],
+                "tokens_per_s": r["tokens"] / r["seconds"],
+                "mb_per_s": r["bytes"] / 1e6 / r["seconds"],
+                "ratio": (r["tokens"] / r["seconds"]) / (base["tokens"] / base["seconds"]),
+            }
+        )
+    if args.full:
+        rows += _generation(engine, prompts, 8, 32)
+    print(
+        f"{'case':40s} {'tok/s':>9s} {'MB/s':>8s} {'ratio':>6s}   (threads={torch.get_num_threads()})"
+    )
+    for r in rows:
+        mb = f"{r['mb_per_s']:8.2f}" if "mb_per_s" in r else f"{'':8s}"
+        print(f"{r['case']:40s} {r['tokens_per_s']:9.1f} {mb} {r['ratio']:6.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
