@@ -1,12 +1,62 @@
-"""`specctl export`: not built yet (see the issue tracker)."""
+"""`specctl export`: a draft checkpoint -> a validated serving directory (or an import)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from specctl.errors import NotBuiltError
 
+def command(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint dir (or, with --from-eagle3, an EAGLE-3 dir).", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(help="New output directory.", show_default=False)],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="sglang | vllm (same SGLang-format dir) | speculators | hf (self-contained, with embeddings).",
+        ),
+    ] = "sglang",
+    from_eagle3: Annotated[
+        bool,
+        typer.Option(
+            "--from-eagle3",
+            help="Import SRC (SGLang/SpecForge or speculators format) into a specctl checkpoint OUT.",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Target model: the verifier path for --to speculators; its embedding for --from-eagle3."
+        ),
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", help="speculative_tokens written in the speculators config.")
+    ] = 4,
+) -> None:
+    """Write a draft as the directory SGLang / vLLM load, validated (key set, shapes, vocab map).
 
-def command(ctx: typer.Context) -> None:
-    """Not built yet."""
-    raise NotBuiltError("'specctl export' is not built yet")
+    Examples:
+      specctl export runs/demo/ckpt --to sglang served/
+      specctl export runs/demo/ckpt --to speculators --model smollm2-135m served-spec/
+      specctl export --from-eagle3 some-eagle3-dir/ warm-ckpt/ --model smollm2-135m
+    """
+    from specctl.console import emit_summary
+    from specctl.export.serving import export_draft, import_eagle3
+
+    if from_eagle3:
+        embed = None
+        if model:
+            from specctl.draft.eagle3 import load_target_rows
+            from specctl.target.models import resolve_model
+
+            embed = load_target_rows(resolve_model(model))[0]
+        emit_summary(import_eagle3(src, out, embed=embed))
+        return
+    emit_summary(export_draft(src, to, out, verifier=model, speculative_tokens=k))

@@ -1,0 +1,211 @@
+"""eval-accept: target + drafters over a prompt set, interleaved per prompt, one report.
+
+Every prompt is decoded by the target alone and by each drafter in a rotating order, so
+machine load hits all variants alike and the speed-up is a ratio measured in the same run
+(absolute times on a shared CPU move by +-10 %). The first prompt is decoded once untimed
+per variant to warm up kernels and allocators.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specctl.console import Progress, log
+from specctl.errors import SpecctlError, UsageError
+from specctl.evaluate import metrics, report
+from specctl.evaluate.specdec import DecodeResult, speculative_decode, target_decode
+from specctl.evaluate.tree import tree_decode
+from specctl.evaluate.verifier import Verifier
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2-135m"
+    draft: str | None = None  # checkpoint or exported dir; None = baselines only
+    data: str = "mtbench"
+    max_prompts: int = 10
+    max_new_tokens: int = 128
+    k: int = 4
+    temperature: float = 0.0
+    seed: int = 0
+    pad_verify: bool = True
+    prompt_lookup: bool = True  # the n-gram baseline row
+    tree: bool = False  # add an EAGLE-2-style tree row (greedy): depth k, topk branching
+    tree_topk: int = 3
+    tree_budget: int = 7  # draft nodes per tree (verify q = budget + 1: 8 is a cheap shape)
+    check_lossless: bool = False
+    out: str = "eval-accept"
+    threads: int | None = None
+
+
+@dataclass
+class EvalPrompt:
+    ids: torch.Tensor  # [T]
+    category: str | None
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Load, decode every prompt with every variant, write report + plot, return the summary."""
+    if cfg.k < 1:
+        raise UsageError("--k must be at least 1")
+    if cfg.check_lossless and cfg.temperature > 0:
+        raise UsageError("--check-lossless compares greedy outputs: use --temperature 0")
+    if cfg.tree and (cfg.temperature > 0 or not cfg.draft):
+        raise UsageError("--tree needs --draft and greedy decoding (--temperature 0)")
+    threads = torch.get_num_threads()
+    if cfg.threads:  # 1 is much faster for tiny models on a busy box (OpenMP spin-waits)
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: EvalConfig) -> dict[str, Any]:
+    from specctl.evaluate import setup
+
+    target, tokenizer, model_path = setup.load_target(cfg.model)
+    drafters = setup.build_drafters(cfg, target, model_path)
+    verifier = Verifier(target, setup.aux_layers_for(drafters, target))
+    prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
+    eos = setup.eos_ids(tokenizer, target)
+    names = ["target", *drafters]
+    results: dict[str, list[DecodeResult]] = {n: [] for n in names}
+    decode = _decoder(cfg, verifier, drafters, eos)
+    for name in names:  # warm-up, untimed
+        decode(name, prompts[0].ids, min(cfg.max_new_tokens, 3))
+    with Progress("eval-accept", total=len(prompts)) as prog:
+        for i, p in enumerate(prompts):  # rotating order: load hits every variant alike
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                results[name].append(decode(name, p.ids, cfg.max_new_tokens))
+            prog.update(1, **{f"AL_{n}": _al(results[n]) for n in drafters})
+    verifier.close()
+    mismatches = _lossless(cfg, results, drafters)
+    rows = {n: metrics.summarize(results[n], cfg.k) for n in names}
+    metrics.add_speedups(rows)
+    return _write(cfg, rows, results, prompts, mismatches, model_path)
+
+
+def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos: tuple[int, ...]):
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def decode(name: str, ids: torch.Tensor, max_new: int) -> DecodeResult:
+        if name == "eagle3-tree":
+            return tree_decode(
+                verifier,
+                drafters[name],
+                ids,
+                depth=cfg.k,
+                max_new_tokens=max_new,
+                eos_ids=eos,
+                pad_verify=cfg.pad_verify,
+            )
+        if name == "target":
+            return target_decode(
+                verifier,
+                ids,
+                max_new_tokens=max_new,
+                eos_ids=eos,
+                temperature=cfg.temperature,
+                gen=gen,
+            )
+        return speculative_decode(
+            verifier,
+            drafters[name],
+            ids,
+            k=cfg.k,
+            max_new_tokens=max_new,
+            eos_ids=eos,
+            temperature=cfg.temperature,
+            pad_verify=cfg.pad_verify,
+            gen=gen,
+        )
+
+    return decode
+
+
+def _al(rs: list[DecodeResult]) -> float:
+    rounds = sum(r.rounds for r in rs)
+    return sum(sum(r.emitted) for r in rs) / rounds if rounds else 0.0
+
+
+def _lossless(
+    cfg: EvalConfig, results: dict[str, list[DecodeResult]], drafters: dict[str, Any]
+) -> dict[str, int]:
+    """Greedy: count prompts whose speculative text differs from the target's own."""
+    if cfg.temperature > 0:
+        return {}
+    ref = [r.tokens for r in results["target"]]
+    bad = {n: sum(r.tokens != t for r, t in zip(results[n], ref, strict=True)) for n in drafters}
+    if cfg.check_lossless and any(bad.values()):
+        which = ", ".join(f"{n} {c}/{len(ref)} prompts" for n, c in bad.items() if c)
+        raise SpecctlError(
+            f"lossless check failed: greedy speculative output differs from the target's ({which})"
+        )
+    return bad
+
+
+def _write(
+    cfg: EvalConfig,
+    rows: dict[str, dict[str, Any]],
+    results: dict[str, list[DecodeResult]],
+    prompts: list[EvalPrompt],
+    mismatches: dict[str, int],
+    model_path: Path,
+) -> dict[str, Any]:
+    cats = sorted({p.category for p in prompts if p.category})
+    by_cat = {
+        c: {
+            n: metrics.summarize(
+                [r for r, p in zip(rs, prompts, strict=True) if p.category == c], cfg.k
+            )
+            for n, rs in results.items()
+        }
+        for c in cats
+    }
+    for c in cats:
+        metrics.add_speedups(by_cat[c])
+    out_dir = Path(cfg.out)
+    json_path, png_path = out_dir / "report.json", out_dir / "acceptance.png"
+    full = {
+        "config": {**cfg.__dict__, "model_path": str(model_path)},
+        "rows": rows,
+        "categories": by_cat,
+        "lossless_mismatches": mismatches,
+    }
+    report.write_json(full, json_path)
+    report.write_plot(rows, cfg.k, png_path)
+    log(
+        json.dumps(
+            {
+                n: {
+                    "AL": round(r["acceptance_length"], 3),
+                    "tok_s": round(r["tok_per_s"], 2),
+                    "speedup": round(r["speedup"], 3),
+                }
+                for n, r in rows.items()
+            }
+        )
+    )
+    main = next((n for n in rows if n != "target"), "target")
+    return {
+        "drafter": main,
+        "acceptance_length": rows[main]["acceptance_length"],
+        "accept_rate": rows[main]["accept_rate"],
+        "speedup": rows[main]["speedup"],
+        "tok_per_s": {n: r["tok_per_s"] for n, r in rows.items()},
+        "speedups": {n: r["speedup"] for n, r in rows.items()},
+        "lossless": (
+            None
+            if cfg.temperature > 0
+            else {n: f"{len(prompts) - c}/{len(prompts)}" for n, c in mismatches.items()}
+        ),
+        "prompts": len(prompts),
+        "report": str(json_path),
+        "plot": str(png_path),
+    }

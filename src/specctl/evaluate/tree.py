@@ -1,0 +1,195 @@
+"""Tree drafting, EAGLE-2 style (greedy only): the draft grows a tree of candidate continuations,
+the target verifies the whole tree in ONE forward with an ancestry mask, and the longest path
+that matches the target's argmax is emitted.
+
+Growing: the root is the last committed token. At each depth the `topk` frontier nodes with
+the highest cumulative draft log-probability are fed to the draft in one call (a tree mask
+lets each see only its ancestors) and each gets `topk` children. Finally the `budget` best
+nodes by cumulative log-prob are kept; a child never scores above its parent (log p <= 0, ties
+broken by depth), so the kept set is closed under ancestors.
+
+Cache rules: the draft feeds tree nodes into its cache after the committed positions and
+crops them before the accepted tokens are re-read with target states (as in chain mode); the
+target keeps the committed cache plus the accepted path's rows (`Verifier.keep`).
+Temperature > 0 would need multi-draft rejection sampling: not supported, the CLI refuses it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from specctl.draft.eagle3 import DraftCache
+from specctl.evaluate.drafters import Eagle3Drafter
+from specctl.evaluate.specdec import DecodeResult, _pick, verify_len
+from specctl.evaluate.verifier import Verifier
+
+
+@dataclass
+class Tree:
+    """Nodes in depth order, so a parent always precedes its children."""
+
+    tokens: torch.Tensor  # [N] target ids
+    parents: torch.Tensor  # [N] index of the parent node, -1 = the root (last committed token)
+    depth: torch.Tensor  # [N] 1..depth
+
+
+def ancestry(parents: torch.Tensor) -> torch.Tensor:
+    """parents [N] -> visible [N+1, N+1] bool over (root, nodes): ancestors and self."""
+    n = parents.numel()
+    vis = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    vis[0, 0] = True
+    for i in range(n):
+        vis[i + 1] = vis[int(parents[i]) + 1]
+        vis[i + 1, i + 1] = True
+    return vis
+
+
+class _MaskedCache(DraftCache):
+    """A DraftCache whose next call attends with an explicit mask [n, length + n] when set."""
+
+    mask: torch.Tensor | None = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return super().attend(layer, q, k, v)
+        start, n = self.length, q.shape[2]
+        kb, vb = self._reserve(layer, k, start + n)
+        kb[:, :, start : start + n] = k
+        vb[:, :, start : start + n] = v
+        return F.scaled_dot_product_attention(
+            q, kb[:, :, : start + n], vb[:, :, : start + n], attn_mask=self.mask, enable_gqa=True
+        )
+
+
+class Eagle3TreeDrafter(Eagle3Drafter):
+    name = "eagle3-tree"
+
+    def __init__(
+        self, draft: Any, aux_layers: list[int] | None = None, topk: int = 3, budget: int = 7
+    ) -> None:
+        super().__init__(draft, aux_layers)
+        self.topk, self.budget = topk, budget
+
+    def _new_cache(self) -> DraftCache:
+        return _MaskedCache()
+
+    @torch.inference_mode()
+    def propose_tree(self, depth: int) -> Tree:
+        keep = self.cache.length
+        logp = torch.log_softmax(self._logits, -1).topk(self.topk)  # the root's children
+        tok = [int(self._draft_to_target[i]) for i in logp.indices]
+        score, parent, dep = logp.values.tolist(), [-1] * len(tok), [1] * len(tok)
+        slot: dict[int, int] = {}  # node -> its cache slot (fed nodes only)
+        hid: dict[int, torch.Tensor] = {-1: self._h[0, 0]}  # node -> h_out its children read
+        frontier = list(range(len(tok)))
+        for d in range(2, depth + 1):
+            feed = sorted(frontier, key=lambda i: -score[i])[: self.topk]  # [E]
+            base = self.cache.length
+            vis = torch.zeros(len(feed), base + len(feed), dtype=torch.bool)
+            vis[:, :keep] = True
+            for j, node in enumerate(feed):
+                a = parent[node]
+                while a >= 0:  # fed ancestors
+                    vis[j, slot[a]] = True
+                    a = parent[a]
+                vis[j, base + j] = True
+                slot[node] = base + j
+            self.cache.mask = vis
+            ids = torch.tensor([[tok[i] for i in feed]])  # [1, E]
+            hidden = torch.stack([hid[parent[i]] for i in feed])[None]  # [1, E, H]
+            pos = torch.full((1, len(feed)), keep + d - 2)  # node at depth d-1 sits at keep+d-2
+            lg, h = self.draft.decode(ids, hidden, pos, self.cache)  # [1,E,Vd], [1,E,H]
+            self.cache.mask = None
+            frontier = []
+            for j, node in enumerate(feed):
+                hid[node] = h[0, j]
+                top = torch.log_softmax(lg[0, j].float(), -1).topk(self.topk)
+                for lp, di in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    frontier.append(len(tok))
+                    tok.append(int(self._draft_to_target[di]))
+                    score.append(score[node] + lp)
+                    parent.append(node)
+                    dep.append(d)
+        self.cache.crop(keep)
+        best = sorted(range(len(tok)), key=lambda i: (-score[i], dep[i]))[: self.budget]
+        order = sorted(best, key=lambda i: (dep[i], i))  # parents before children
+        index = {node: j for j, node in enumerate(order)}
+        return Tree(
+            tokens=torch.tensor([tok[i] for i in order]),
+            parents=torch.tensor([index[parent[i]] if parent[i] >= 0 else -1 for i in order]),
+            depth=torch.tensor([dep[i] for i in order]),
+        )
+
+
+def tree_decode(
+    verifier: Verifier,
+    drafter: Eagle3TreeDrafter,
+    prompt: torch.Tensor,
+    *,
+    depth: int,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...] = (),
+    pad_verify: bool = True,
+) -> DecodeResult:
+    """Greedy speculative decoding with a draft tree of `depth` levels (see module docstring)."""
+    t0 = time.perf_counter()
+    # 1. Prefill the target; it emits the first token; the draft reads the prompt.
+    verifier.reset()
+    logits, aux = verifier.forward(prompt, aux=True)  # [T, V], [T, k*H]
+    out = [_pick(logits[-1], 0.0, None)]
+    res = DecodeResult(tokens=out, prefill_s=time.perf_counter() - t0, total_s=0.0)
+    t = time.perf_counter()
+    drafter.start(prompt, aux, out[0])
+    res.draft_s += time.perf_counter() - t
+    while len(out) < max_new_tokens and out[-1] not in eos_ids:
+        # 2. Grow the tree.
+        t = time.perf_counter()
+        tree = drafter.propose_tree(min(depth, max_new_tokens - len(out)))
+        res.draft_s += time.perf_counter() - t
+        # 3. Verify root + N nodes (+ padding that sees only the root) in ONE forward.
+        t = time.perf_counter()
+        n = tree.tokens.numel()
+        q = verify_len(n + 1, pad_verify)
+        vis = torch.zeros(q, q, dtype=torch.bool)
+        vis[: n + 1, : n + 1] = ancestry(tree.parents)  # [N+1, N+1]
+        for r in range(n + 1, q):  # padding: sees the root and itself, at depth 1
+            vis[r, 0] = vis[r, r] = True
+        ids = torch.cat([torch.tensor([out[-1]]), tree.tokens, torch.full((q - n - 1,), out[-1])])
+        offs = torch.cat([torch.tensor([0]), tree.depth, torch.ones(q - n - 1, dtype=torch.long)])
+        start = verifier.length
+        logits, aux = verifier.forward(ids, aux=True, depth=offs, visible=vis)  # [q, V], [q, k*H]
+        res.verify_s += time.perf_counter() - t
+        # 4. Walk down from the root while a child matches the target's argmax.
+        target = logits.argmax(-1)  # [q]
+        rows, node = [0], -1
+        while True:
+            kids = ((tree.parents == node) & (tree.tokens == target[rows[-1]])).nonzero()
+            if not kids.numel():
+                break
+            node = int(kids[0])
+            rows.append(node + 1)
+        new = [*tree.tokens[[r - 1 for r in rows[1:]]].tolist(), int(target[rows[-1]])]
+        # 5. Emit, stopping at the token budget or an EOS.
+        new = new[: max_new_tokens - len(out)]
+        stop = next((j for j, tok in enumerate(new) if tok in eos_ids), len(new) - 1)
+        new = new[: stop + 1]
+        out.extend(new)
+        res.emitted.append(len(new))
+        res.accepted.append(len(rows) - 1)
+        res.proposed.append(int(tree.depth.max()) if n else 0)
+        if len(out) >= max_new_tokens or out[-1] in eos_ids:
+            break
+        # 6. Keep the accepted path in both caches.
+        idx = torch.tensor(rows)
+        verifier.keep(start, idx)
+        t = time.perf_counter()
+        assert aux is not None
+        drafter.advance(torch.tensor(new), aux[idx])
+        res.draft_s += time.perf_counter() - t
+    res.total_s = time.perf_counter() - t0
+    return res

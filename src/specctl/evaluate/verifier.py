@@ -1,0 +1,118 @@
+"""The target side of speculative decoding: one forward per step over its own KV cache.
+
+The aux hidden states EAGLE-3 needs are captured with forward hooks on the target's decoder
+layers (outputs of layers 1, N/2-1, N-4 by default, 0-based; the same convention as the
+records the trainer reads), so a verify pass costs one forward and nothing else.
+
+Trap (transformers 5.x): `DynamicCache.crop(n)` only accepts a negative n ("remove n
+tokens"); a positive n raises. `crop` here takes the number of tokens to drop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from specctl.target.engines import default_aux_layers
+
+
+def decoder_layers(model: Any) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no .model.layers: not a decoder-only HF model")
+    return layers
+
+
+class Verifier:
+    """A causal LM with a DynamicCache; `forward(ids)` appends ids and returns logits (+ aux).
+
+    `aux_layers` are 0-based decoder-layer ids whose outputs are captured (default 1, N/2-1, N-4).
+    """
+
+    def __init__(self, model: Any, aux_layers: list[int] | None = None) -> None:
+        self.model = model
+        layers = decoder_layers(model)
+        self.aux_layers = aux_layers if aux_layers is not None else default_aux_layers(len(layers))
+        self.capture = False
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.aux_layers]
+        self.cache: Any = None
+        self.vocab_size = int(model.config.vocab_size)
+
+    def _hook(self, layer: int) -> Any:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            if self.capture:
+                self._captured[layer] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        aux: bool = False,
+        depth: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [q] -> logits [q, V] fp32, aux [q, k*H] (layers low -> high) or None.
+
+        Tree verify: `depth` [q] gives each query's position offset after the cache, and
+        `visible` [q, q] bool which new queries each one sees (its ancestors and itself);
+        every query sees the whole cache. Default: a causal chain.
+        """
+        if self.cache is None:
+            self.reset()
+        self.capture = aux
+        self._captured.clear()
+        start = self.length
+        offs = torch.arange(ids.numel()) if depth is None else depth
+        mask = None
+        if visible is not None:  # 4D masks go to the attention kernel as is (additive, float)
+            see = torch.cat([torch.ones(ids.numel(), start, dtype=torch.bool), visible], dim=1)
+            dtype = self.model.dtype
+            mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
+            mask = mask[None, None]  # [1, 1, q, start + q]
+        out = self.model(
+            input_ids=ids[None],
+            past_key_values=self.cache,
+            use_cache=True,
+            position_ids=(start + offs)[None],
+            attention_mask=mask,
+        )
+        self.capture = False
+        logits = out.logits[0].float()
+        if not aux:
+            return logits, None
+        return logits, torch.cat([self._captured[i][0] for i in self.aux_layers], dim=-1)
+
+    def keep(self, start: int, rows: torch.Tensor) -> None:
+        """Tree verify: keep the cache before `start` plus the new positions `rows` (accepted path)."""
+        for layer in self.cache.layers:
+            layer.keys = torch.cat(
+                [layer.keys[:, :, :start], layer.keys[:, :, start + rows]], dim=2
+            )
+            layer.values = torch.cat(
+                [layer.values[:, :, :start], layer.values[:, :, start + rows]], dim=2
+            )
+
+    def crop(self, n_remove: int) -> None:
+        """Drop the last `n_remove` cached positions (rejected drafts and verify padding)."""
+        if n_remove > 0:
+            self.cache.crop(-n_remove)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,135 @@
+"""Read any EAGLE-3 draft directory (specctl checkpoint, SGLang, speculators, hf) into one form.
+
+Every reader returns SGLang tensor names (`midlayer.*`, the names `Eagle3Draft` uses), so
+export, import and eval-accept share one loader. A directory holds `config.json` and
+`model.safetensors` (or sharded `model-*.safetensors`). Drafts without `embed_tokens.weight`
+(SGLang / speculators exports) get the target's embedding at load time, as the engines do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specctl.errors import CheckpointError
+from specctl.export import layout
+from specctl.export.formats import config_kind, parse_config
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TRAINER_WEIGHTS = "draft.safetensors"  # train-draft checkpoints (train/checkpoint.py)
+
+
+@dataclass
+class DraftFiles:
+    cfg: Any  # Eagle3Config
+    state: dict[str, torch.Tensor]  # SGLang names
+    kind: str  # "specctl" | "sglang" | "speculators"
+    aux_layers: list[int] | None = None  # 0-based decoder layer ids; None = the default
+    meta: dict[str, Any] = field(default_factory=dict)  # the raw config.json
+
+
+def resolve_dir(path: Path) -> Path:
+    """A draft dir, a train-draft checkpoint dir, or a train-draft run dir (its `latest`)."""
+    path = Path(path)
+    weights = [TRAINER_WEIGHTS, WEIGHTS, "model-00001-of-*.safetensors"]
+    if not any(any(path.glob(w)) for w in weights) and (path / "latest").exists():
+        path = (path / "latest").resolve()
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(
+            f"{path} is not a draft directory (no {CONFIG}) nor a train-draft run",
+            "pass a train-draft checkpoint or an exported dir",
+        )
+    return path
+
+
+def read_draft_dir(path: Path | str) -> DraftFiles:
+    root = resolve_dir(Path(path))
+    try:
+        meta = json.loads((root / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {root / CONFIG}: {e}") from None
+    if (root / TRAINER_WEIGHTS).is_file():
+        return _read_trainer_checkpoint(root, meta)
+    cfg, aux = parse_config(meta)
+    state = _read_weights(root)
+    kind = config_kind(meta)
+    if kind == "speculators":
+        state = layout.rename(state, layout.SPECULATORS_LAYER, layout.MIDLAYER)
+    return DraftFiles(cfg=cfg, state=state, kind=kind, aux_layers=aux, meta=meta)
+
+
+def _read_trainer_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
+    """train-draft's layout (train/checkpoint.py): the draft shape comes from run config + target."""
+    from safetensors.torch import load_file
+
+    from specctl.config import from_dict
+    from specctl.target.models import resolve_model
+    from specctl.train.run_config import TrainDraftConfig
+    from specctl.train.setup import draft_config
+
+    cfg = from_dict(TrainDraftConfig, run)
+    target_dir = resolve_model(cfg.target)
+    layers = json.loads((target_dir / CONFIG).read_text()).get("num_hidden_layers")
+    meta = {**run, "target_model": str(target_dir), "target_num_layers": layers}
+    return DraftFiles(
+        cfg=draft_config(cfg, target_dir),
+        state=load_file(str(root / TRAINER_WEIGHTS)),
+        kind="specctl",
+        aux_layers=None,
+        meta=meta,
+    )
+
+
+def _read_weights(root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = (
+        [root / WEIGHTS] if (root / WEIGHTS).is_file() else sorted(root.glob("model-*.safetensors"))
+    )
+    if not files:
+        raise CheckpointError(f"no {WEIGHTS} in {root}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_draft(files: DraftFiles, embed: torch.Tensor | None = None) -> Any:
+    """An eval-mode `Eagle3Draft` (fp32); `embed` [V, H] fills a missing embedding."""
+    from specctl.draft.eagle3 import Eagle3Draft
+
+    state = dict(files.state)
+    if layout.EMBED not in state:
+        if embed is None:
+            raise CheckpointError(
+                "the draft has no embed_tokens.weight",
+                "pass the target model so its embedding can be used",
+            )
+        state[layout.EMBED] = embed
+    layout.validate(state, files.cfg, embed=True)
+    draft = Eagle3Draft(files.cfg)
+    draft.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
+    )
+    return draft.eval()
+
+
+def write_dir(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors into a new directory (refuses a non-empty one)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(
+            f"output directory {out} exists and is not empty", "choose a new directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata={"format": "pt"}
+    )
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,216 @@
+"""EAGLE-3 chain drafting on a tiny random Llama: lossless with a random and a (briefly) trained
+draft, the draft cache mirrors the committed text, and an exported dir decodes identically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from specctl.draft.eagle3 import Eagle3Config, Eagle3Draft
+from specctl.draft.vocab import build_mapping
+from specctl.evaluate.drafters import Eagle3Drafter
+from specctl.evaluate.specdec import speculative_decode, target_decode
+from specctl.evaluate.verifier import Verifier
+
+pytestmark = pytest.mark.unit
+
+V, PROMPT, NEW = 256, 8, 40
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict:
+    """Tiny target, its greedy texts, a random draft and a draft trained 60 steps on those texts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specctl.target.capture import HiddenCapture
+    from specctl.train.objective import TargetHead, ttt_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    target = LlamaForCausalLM(cfg).eval()
+    ver = Verifier(target)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (PROMPT,), generator=g) for _ in range(12)]
+    refs = [target_decode(ver, p, max_new_tokens=NEW).tokens for p in prompts]
+    ids = torch.stack([torch.cat([p, torch.tensor(r)]) for p, r in zip(prompts, refs, strict=True)])
+    mask = torch.zeros_like(ids)
+    mask[:, PROMPT:] = 1
+    with torch.no_grad(), HiddenCapture(target, ver.aux_layers) as cap:
+        target.model(input_ids=ids)
+    dcfg = Eagle3Config.from_target_config(cfg.to_dict(), draft_vocab_size=128)
+    m = build_mapping(torch.bincount(ids[:, PROMPT:].flatten(), minlength=V), 128)
+
+    def new_draft() -> Eagle3Draft:
+        d = Eagle3Draft(dcfg)
+        d.set_vocab(m.d2t, m.t2d)
+        d.init_from_target(
+            target.model.embed_tokens.weight.detach(), target.lm_head.weight.detach()
+        )
+        return d
+
+    torch.manual_seed(1)
+    random_draft, trained = new_draft().eval(), new_draft()
+    head = TargetHead(target.lm_head.weight.detach(), m.t2d)
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=3e-3)
+    aux, last = torch.cat(cap.aux, -1), cap.last
+    for _ in range(60):
+        loss = ttt_loss(trained, head, ids, mask, aux, last, ttt_length=4).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {
+        "ver": ver,
+        "prompts": prompts,
+        "refs": refs,
+        "random": random_draft,
+        "trained": trained.eval(),
+        "target": target,
+    }
+
+
+def _run(s: dict, draft: Eagle3Draft, k: int = 4, pad: bool = True) -> tuple[float, list]:
+    emitted = rounds = 0
+    outs = []
+    for p, ref in zip(s["prompts"], s["refs"], strict=True):
+        res = speculative_decode(
+            s["ver"], Eagle3Drafter(draft), p, k=k, max_new_tokens=NEW, pad_verify=pad
+        )
+        assert res.tokens == ref  # lossless
+        emitted, rounds = emitted + sum(res.emitted), rounds + res.rounds
+        outs.append(res.emitted)
+    return emitted / rounds, outs
+
+
+def test_random_draft_is_lossless_and_accepts_little(setup: dict) -> None:
+    al, _ = _run(setup, setup["random"])
+    assert 1.0 <= al < 1.3
+
+
+@pytest.mark.parametrize(("k", "pad"), [(4, True), (6, True), (3, False)])
+def test_trained_draft_is_lossless_and_accepts(setup: dict, k: int, pad: bool) -> None:
+    al, _ = _run(setup, setup["trained"], k=k, pad=pad)
+    assert al > 1.5  # the accept paths (n > 0) really run
+
+
+class CheckedDrafter(Eagle3Drafter):
+    """At every proposal, the incremental draft state equals a from-scratch draft prefill."""
+
+    def __init__(self, draft: Eagle3Draft, target, prompt: torch.Tensor) -> None:
+        super().__init__(draft)
+        self.target, self.text, self.checks = target, prompt.tolist(), 0
+
+    def start(self, prompt, aux, first) -> None:
+        self.text.append(first)
+        super().start(prompt, aux, first)
+
+    def advance(self, tokens, aux) -> None:
+        self.text.extend(tokens.tolist())
+        super().advance(tokens, aux)
+
+    def propose(self, k, temperature, gen):
+        from specctl.draft.eagle3 import DraftCache
+        from specctl.target.capture import HiddenCapture
+
+        ids = torch.tensor(self.text)  # x_0..x_L
+        with torch.no_grad(), HiddenCapture(self.target, [1, 3, 4]) as cap:
+            self.target.model(input_ids=ids[None, :-1])
+        aux = torch.cat(cap.aux, -1)  # g_0..g_{L-1}
+        with torch.no_grad():
+            logits, _ = self.draft.decode(
+                ids[None, 1:],
+                self.draft.combine(aux),
+                torch.arange(ids.numel() - 1)[None],
+                DraftCache(),
+            )
+        assert self.cache.length == ids.numel() - 1
+        assert torch.allclose(logits[0, -1], self._logits, atol=1e-4)
+        self.checks += 1
+        return super().propose(k, temperature, gen)
+
+
+def test_draft_cache_mirrors_committed_text(setup: dict) -> None:
+    for p, ref in list(zip(setup["prompts"], setup["refs"], strict=True))[:3]:
+        d = CheckedDrafter(setup["trained"], setup["target"], p)
+        res = speculative_decode(setup["ver"], d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref and d.checks == res.rounds and max(res.accepted) > 0
+
+
+def test_exported_dir_gives_same_acceptance(setup: dict, tmp_path: Path) -> None:
+    from specctl.export.io import load_draft, read_draft_dir, write_dir
+    from specctl.export.serving import export_draft
+
+    draft = setup["trained"]
+    write_dir(tmp_path / "ckpt", draft.cfg.to_dict(), dict(draft.state_dict()))
+    export_draft(tmp_path / "ckpt", "sglang", tmp_path / "served")
+    embed = setup["target"].get_input_embeddings().weight.detach()
+    served = load_draft(read_draft_dir(tmp_path / "served"), embed=embed)
+    al_a, per_a = _run(setup, draft)
+    al_b, per_b = _run(setup, served)
+    assert per_a == per_b and al_a == al_b
+
+
+def test_tree_mask_matches_separate_chains(setup: dict) -> None:
+    """Two sibling branches verified together give the logits of each branch run alone."""
+    ver, p = setup["ver"], setup["prompts"][0]
+    ver.reset()
+    ver.forward(p)
+    a, b, c = 11, 22, 33
+    # root r; children a, b; c under a. rows: r, a, b, c
+    vis = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    tree, _ = ver.forward(torch.tensor([7, a, b, c]), depth=torch.tensor([0, 1, 1, 2]), visible=vis)
+    ver.crop(4)
+    chain1, _ = ver.forward(torch.tensor([7, a, c]))
+    ver.crop(3)
+    chain2, _ = ver.forward(torch.tensor([7, b]))
+    assert torch.allclose(tree[[0, 1, 3]], chain1, atol=1e-5)
+    assert torch.allclose(tree[2], chain2[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_tree_is_lossless(setup: dict, draft: str) -> None:
+    from specctl.evaluate.tree import Eagle3TreeDrafter, tree_decode
+
+    emitted = rounds = 0
+    for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+        d = Eagle3TreeDrafter(setup[draft], topk=3, budget=7)
+        res = tree_decode(setup["ver"], d, p, depth=4, max_new_tokens=NEW)
+        assert res.tokens == ref
+        emitted, rounds = emitted + sum(res.emitted), rounds + res.rounds
+    if draft == "trained":
+        assert emitted / rounds > 1.5
+
+
+def test_tree_of_one_branch_is_the_chain(setup: dict) -> None:
+    from specctl.evaluate.tree import Eagle3TreeDrafter, tree_decode
+
+    _, chain = _run(setup, setup["trained"], k=4)
+    tree = [
+        tree_decode(
+            setup["ver"],
+            Eagle3TreeDrafter(setup["trained"], topk=1, budget=4),
+            p,
+            depth=4,
+            max_new_tokens=NEW,
+        ).emitted
+        for p in setup["prompts"]
+    ]
+    assert tree == chain
