@@ -1,0 +1,396 @@
+"""`specctl.store.Client`: what producers and trainers call (docs/architecture.md).
+
+Producer: `lease_prompts` -> pack into `buffer(nbytes)` -> `put_record` -> `lease.done`.
+Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, ...])`.
+
+Records live in receive slots: registered buffers filled by Mooncake `get_into`; a
+`Received.record` stays valid until it is acked (or `release()`d), after which its slot is
+reused. In-flight bytes (put, not yet acked) are a control-plane counter: `put_record` waits
+while they are above the high watermark until they drop to the low one, and Mooncake's
+-200 (full) is waited out too, so a slow trainer slows producers and nothing is dropped.
+
+Exactly once: a seq is leased to one producer at a time (leases.py); its publication is
+claimed on the control plane before the put, so a re-issued seq is never published twice
+(`put_record` returns None to the loser); a consumer sees a sample again only after it was
+handed back (corrupt record, `requeue_untrained`), and drops repeats it already delivered.
+
+`connect` probes the control-plane port and the Mooncake master port with a plain socket
+before building any client, so a dead store fails within `timeout_s` instead of Mooncake's
+~90 s `setup()` hang; a store that dies later surfaces as StoreUnavailable. The mapping
+from seq to sample id needs the run's prompt count: producers set
+`run_meta("num_prompts", ...)` before leasing. A Client is not thread-safe (one per
+thread); its heartbeat thread uses its own control-plane connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from specctl.console import log
+from specctl.errors import RecordError, StoreError, StoreUnavailable
+from specctl.protocol import Descriptor, parse_header
+from specctl.store import control as keys
+from specctl.store.address import is_loopback, parse, require
+from specctl.store.control import Control
+from specctl.store.leases import Lease, LeaseBook
+from specctl.store.objects import NOT_FOUND, TRANSIENT, Objects, describe
+from specctl.store.slots import Slot, Slots
+
+ROLES = ("producer", "trainer", "admin")
+_ids = itertools.count()
+
+
+@dataclass
+class Received:
+    """One record handed to a consumer: its descriptor and zero-copy `pack.Record` views."""
+
+    descriptor: Descriptor
+    record: Any
+    slot: Slot | None = field(default=None, repr=False)
+
+
+class Client:
+    """A connection to a running store (see module docstring)."""
+
+    def __init__(self, ctl: Control, objects: Objects, role: str, address: str) -> None:
+        self.ctl, self.objects, self.role, self.address = ctl, objects, role, address
+        self.run = ctl.get(keys.meta("run")) or ""
+        self.high_wm = int(ctl.get(keys.meta("high_wm")) or 0)
+        self.low_wm = int(ctl.get(keys.meta("low_wm")) or 0)
+        self.capacity = int(ctl.get(keys.meta("capacity")) or 0)
+        self.producer = f"{socket.gethostname()}:{os.getpid()}"
+        self.id = f"{self.producer}:{next(_ids)}"
+        self.leases = LeaseBook(ctl, self.id)
+        self.slots = Slots(objects)
+        self._send: Slot | None = None
+        self._num_prompts: int | None = None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(
+            target=self._heartbeat,
+            name="specctl-heartbeat",
+            args=(ctl.clone(), float(ctl.get(keys.meta("lease_ttl_s")) or 5.0)),
+            daemon=True,
+        )
+        ctl.add(keys.hb(self.id), 1)
+        ctl.append(keys.CLIENTS, f"{role}|{self.id};")
+        self._beat.start()
+
+    @classmethod
+    def connect(
+        cls, address: str | None = None, role: str = "producer", timeout_s: float = 10.0
+    ) -> Client:
+        """Connect to the store at `address` (None: $SPECCTL_STORE)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        addr = parse(address)
+        require(addr.host, addr.port, timeout_s, "specctl store")
+        ctl = Control.connect(addr.host, addr.port, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while ctl.get(keys.meta("ready")) is None:
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"store at {addr} is not ready after {timeout_s:.0f}s")
+            time.sleep(0.05)
+        master = ctl.get(keys.meta("master")) or ""
+        mhost, _, mport = master.rpartition(":")
+        require(mhost, int(mport), timeout_s, "Mooncake master")
+        objects = Objects(master, host=_local_host(addr.host))
+        return cls(ctl, objects, role, str(addr))
+
+    def _heartbeat(self, ctl: Control, ttl_s: float) -> None:
+        while not self._stop.wait(ttl_s / 3):
+            try:
+                ctl.add(keys.hb(self.id), 1)
+            except Exception:  # store gone: the main thread will see it on its next call
+                return
+
+    # ------------------------------------------------------------------ run facts
+
+    def run_meta(self, key: str, value: str | None = None) -> str:
+        """Run-wide fact: the first `value` set wins; later callers must pass the same one."""
+        if value is None:
+            stored = self.ctl.get(f"run/{key}")
+            if stored is None:
+                raise StoreError(f"run meta {key!r} is not set in this store")
+            return stored
+        stored = self.ctl.claim(f"run/{key}", str(value))
+        if stored != str(value):
+            raise StoreError(
+                f"run meta {key!r} is {stored!r} in this store, not {value!r}",
+                hint="one store serves one run: `specctl store down` and up again",
+            )
+        return stored
+
+    def _prompts(self) -> int:
+        if self._num_prompts is None:
+            self._num_prompts = int(self.run_meta("num_prompts"))
+        return self._num_prompts
+
+    def _seq(self, epoch: int, index: int) -> int:
+        return epoch * self._prompts() + index
+
+    def _sid(self, seq: int) -> tuple[int, int]:
+        epoch, index = divmod(seq, self._prompts())
+        return epoch, index
+
+    # ------------------------------------------------------------------ producer side
+
+    def lease_prompts(self, n: int, limit: int | None = None) -> Lease | None:
+        """Lease up to n seqs (returned ones first). None: nothing left below `limit`."""
+        self._prompts()  # the supervisor needs it to map a dead producer's seqs to claims
+        seqs = self.leases.take(n, limit)
+        return Lease(self.leases, seqs) if seqs else None
+
+    def buffer(self, nbytes: int) -> Any:
+        """A registered uint8 tensor of nbytes to pack into; reused (grown) across calls."""
+        if self._send is None or self._send.nbytes < nbytes:
+            if self._send is not None:
+                self.slots.drop(self._send)
+            self._send = self.slots.new(nbytes)
+        return self._send.tensor[:nbytes]
+
+    def put_record(self, buf: Any, *, epoch: int, index: int, T: int) -> Descriptor | None:
+        """Put one packed record (hard-pinned) and publish its descriptor.
+
+        Returns None when this sample was already published by another producer (a lease
+        re-issued from a producer presumed dead); the caller just marks the seq done.
+        """
+        # 1. read the header the packer wrote; it must be the sample we were told
+        header = parse_header(memoryview(buf.numpy()))
+        if (header.epoch, header.index, header.T) != (epoch, index, T):
+            raise RecordError(
+                f"record header is ({header.epoch}, {header.index}, T={header.T}), "
+                f"put_record was told ({epoch}, {index}, T={T})"
+            )
+        desc = Descriptor.for_header(header, run=self.run, producer=self.producer)
+        nbytes = header.total_nbytes
+        if nbytes > self.capacity:
+            raise StoreError(
+                f"record of {nbytes} bytes exceeds the store capacity {self.capacity}",
+                hint="restart the store with a larger --capacity",
+            )
+        # 2. claim the publication: at most one producer ever puts this sample
+        token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
+        if self.ctl.claim(keys.pub(epoch, index), token) != token:
+            return None
+        # 3. back-pressure, then reserve the bytes (noting the reservation, so the reaper can
+        #    undo it if we die before publishing) and put from a registered buffer
+        self._wait_for_room(nbytes)
+        ptr = self._registered_ptr(buf, nbytes)
+        self.ctl.set(keys.resv(self.id), f"{epoch}/{index}/{nbytes}")
+        self._account(nbytes, 1)
+        try:
+            waits = self.objects.put(desc.key, ptr, nbytes)
+        except BaseException:
+            self._account(-nbytes, -1)
+            self.ctl.delete(keys.pub(epoch, index))
+            self.ctl.delete(keys.resv(self.id))
+            raise
+        # 4. publish, then mark the claim published (the reaper keeps marked claims)
+        self.ctl.push(keys.RECORDS, desc.to_json())
+        self.ctl.set(keys.pub(epoch, index), token + keys.PUBLISHED)
+        self.ctl.delete(keys.resv(self.id))
+        if waits:
+            self.ctl.count("waits", waits)
+        return desc
+
+    def _account(self, nbytes: int, records: int) -> None:
+        for name, n in (("inflight_bytes", nbytes), ("inflight_records", records),
+                        ("puts", records), ("put_bytes", nbytes)):  # fmt: skip
+            self.ctl.count(name, n)
+
+    def _registered_ptr(self, buf: Any, nbytes: int) -> int:
+        ptr = int(buf.data_ptr())
+        if self._send is not None and self._send.contains(ptr, nbytes):
+            return ptr
+        # Not our buffer: stage it through the registered one (one extra copy).
+        staged = self.buffer(nbytes)
+        staged.copy_(buf.reshape(-1)[:nbytes])
+        return int(staged.data_ptr())
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        """Block while in-flight bytes are above the high watermark, until below the low one."""
+        cur = self.ctl.count("inflight_bytes", 0)
+        if cur == 0 or cur + nbytes <= self.high_wm:
+            return
+        t0 = last_log = time.monotonic()
+        delay = 0.005
+        while cur > 0 and cur + nbytes > self.low_wm:
+            now = time.monotonic()
+            if now - last_log > 30:
+                log(
+                    f"[store] waiting {now - t0:.0f}s for room: {cur} bytes in flight "
+                    f"(high {self.high_wm}); is a trainer consuming?"
+                )
+                last_log = now
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+            cur = self.ctl.count("inflight_bytes", 0)
+        self.ctl.count("waits", 1)
+
+    # ------------------------------------------------------------------ consumer side
+
+    def next_record(self, timeout_s: float | None = None) -> Received | None:
+        """The next published record, checked (CRC, descriptor); None after timeout_s.
+
+        A corrupt or vanished record is logged, removed and its sample handed back to the
+        producers; the next one is tried.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            item = self.ctl.pop_wait(keys.RECORDS, left)
+            if item is None:
+                return None
+            got = self._fetch(item)
+            if got is not None:
+                return got
+
+    def _fetch(self, item: str) -> Received | None:
+        """Get, check and claim one published record; None if it was dropped."""
+        from specctl.pack import unpack_record
+
+        try:
+            desc = Descriptor.from_json(item)
+        except RecordError as e:
+            log(f"[store] dropping a bad descriptor: {e}")
+            self.ctl.count("corrupt", 1)
+            return None
+        sid = (desc.epoch, desc.index)
+        # 1. a repeat of a delivered sample (a producer presumed dead published it too)
+        if desc.run != self.run or self.ctl.get(keys.got(*sid)) is not None:
+            self._drop_repeat(desc)
+            return None
+        # 2. fetch into a registered slot and check it
+        slot = self.slots.take(desc.nbytes)
+        n = self.objects.get_into(desc.key, slot.ptr, slot.nbytes)
+        try:
+            if n == NOT_FOUND or n in TRANSIENT:
+                raise RecordError(f"object {desc.key} is missing or unreadable: {describe(n)}")
+            if n < 0:
+                raise StoreError(f"get {desc.key!r}: {describe(n)}")
+            record = unpack_record(slot.tensor[:n], verify=True)
+            desc.check_matches(record.header)
+        except RecordError as e:
+            self.slots.give(slot)
+            if self.ctl.get(keys.got(*sid)) is not None:  # its twin was delivered and acked
+                self._drop_repeat(desc)
+            else:
+                log(f"[store] bad record {desc.key}: {e}; sample {sid} goes back to producers")
+                self._hand_back(desc)
+            return None
+        except BaseException:
+            self.slots.give(slot)
+            raise
+        # 3. claim the delivery: exactly one consumer is handed each sample
+        token = f"{self.id}/{next(_ids)}"
+        if self.ctl.claim(keys.got(*sid), token) != token:
+            self.slots.give(slot)
+            self._drop_repeat(desc)
+            return None
+        self.ctl.count("gets", 1)
+        return Received(desc, record, slot)
+
+    def _drop_repeat(self, desc: Descriptor) -> None:
+        log(f"[store] dropping a repeated or stale descriptor {desc.key}")
+        self._discard(desc)
+        self.ctl.count("repeats", 1)
+
+    def _discard(self, desc: Descriptor) -> None:
+        self.objects.remove(desc.key)
+        self.ctl.count("inflight_bytes", -desc.nbytes)
+        self.ctl.count("inflight_records", -1)
+
+    def _hand_back(self, desc: Descriptor) -> None:
+        seq = self._seq(desc.epoch, desc.index)
+        self._discard(desc)
+        self.ctl.delete(keys.pub(desc.epoch, desc.index))
+        self.ctl.push_seqs([seq])
+        self.ctl.count("corrupt", 1)
+        self.ctl.count("requeued", 1)
+
+    def ack(self, received: list[Received]) -> None:
+        """After the optimizer step: free the objects and the in-flight bytes, reuse slots."""
+        for got in received:
+            self.objects.remove(got.descriptor.key)
+            self.ctl.count("inflight_bytes", -got.descriptor.nbytes)
+            self.ctl.count("inflight_records", -1)
+            self.ctl.count("acks", 1)
+            self.release(got)
+
+    def release(self, got: Received) -> None:
+        """Give a record's receive slot back without acking (its views become invalid)."""
+        if got.slot is not None:
+            self.slots.give(got.slot)
+            got.slot = None
+
+    def requeue_untrained(self, trained: set[tuple[int, int]]) -> int:
+        """Trainer resume: every seq below the cursor not in `trained` goes back to the pool.
+
+        Queued descriptors and every object of the run are cleared first. Call it before
+        producers resume: a record being put during the call may be delivered twice.
+        """
+        self.ctl.pop_all(keys.RECORDS)
+        self.objects.remove_prefix(f"{self.run}/")
+        for name in ("inflight_bytes", "inflight_records"):
+            self.ctl.count(name, -self.ctl.count(name, 0))
+        self.ctl.pop_all(keys.RETURNED)  # all below the cursor: re-derived just below
+        cursor = self.ctl.cursor()[0]
+        back = [seq for seq in range(cursor) if self._sid(seq) not in trained]
+        for seq in back:
+            self.ctl.delete(keys.pub(*self._sid(seq)))
+            self.ctl.delete(keys.got(*self._sid(seq)))
+        self.ctl.push_seqs(back)
+        self.ctl.count("requeued", len(back))
+        return len(back)
+
+    # ------------------------------------------------------------------ both
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, queue lengths and capacity as the control plane sees them."""
+        out: dict[str, Any] = dict(self.ctl.counters())
+        out.update(
+            queued=self.ctl.qlen(keys.RECORDS),
+            returned=self.ctl.qlen(keys.RETURNED),
+            cursor=self.ctl.cursor()[0],
+            capacity=self.capacity,
+            high_wm=self.high_wm,
+            low_wm=self.low_wm,
+            run=self.run,
+        )
+        return out
+
+    def close(self) -> None:
+        """Hand back unfinished leases, stop heartbeats, free buffers, disconnect."""
+        if self._stop.is_set():
+            return
+        try:
+            self.leases.release_all()
+            self.ctl.set(keys.left(self.id), "1")
+        except StoreUnavailable:
+            pass  # the store is gone: nothing to hand back to
+        finally:
+            self._stop.set()
+            self._beat.join(timeout=5)
+            self.slots.close()
+            self.objects.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _local_host(store_host: str) -> str:
+    """The address other store members reach this client at (loopback stays loopback)."""
+    if is_loopback(store_host):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((store_host, 9))
+        return str(s.getsockname()[0])

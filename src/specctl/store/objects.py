@@ -1,0 +1,159 @@
+"""Mooncake data plane: one object per record, moved zero-copy between registered buffers.
+
+Who pins and who frees: the producer `put`s every record **hard-pinned** (Mooncake silently
+evicts unpinned objects at 90% segment use, which would lose training data); the consumer
+`remove(force=True)`s it after the optimizer step. Nobody else deletes objects, except
+`requeue_untrained`, which clears a run's leftovers on trainer resume.
+
+Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4):
+- `setup()` blocks ~90 s when the master is down: callers probe the master port first
+  (`address.require`) so an unreachable store fails in seconds.
+- `put` on an existing key returns 0 and keeps the old value. Records are deterministic
+  functions of their sample id and each id is claimed on the control plane before its put,
+  so a second put of the same key never carries different data.
+- Every read grants a lease, so a plain `remove` after a `get` returns -706: we always
+  remove with `force=True`. A lease shorter than a transfer fails the read with -707
+  (seen with a 1 s TTL on an overloaded 2-core host), so the master keeps a 10 s TTL and
+  reads retry -707.
+- `get()` returns `b''` both for "missing" and "master down": we only use `get_into`,
+  which returns negative codes, and map every code to a StoreError message.
+- -200 (no free space) is back-pressure, not failure: `put` waits and retries.
+- Clients other than the store server contribute no segment (`global_segment_size=0`), so
+  every object lives in the server's `--capacity` segment and survives producer death.
+- The transfer engine's own listeners bind the wildcard address whatever we pass
+  (a Mooncake limitation); the master and the control plane bind only `--host`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from specctl.console import debug_enabled
+from specctl.errors import StoreError
+
+# mooncake-store/include/types.h; messages say what it means for a specctl user.
+ERRORS: dict[int, str] = {
+    -1: "internal error in Mooncake",
+    -10: "buffer overflow",
+    -100: "segment not found (a store client holding data went away)",
+    -101: "segment already exists",
+    -102: "segment error",
+    -200: "store full (no free space in the segment)",
+    -300: "invalid version",
+    -400: "invalid key",
+    -500: "write failed",
+    -600: "invalid parameters (empty value, or buffer too small for the object)",
+    -700: "invalid write",
+    -701: "invalid read",
+    -702: "invalid replica",
+    -703: "replica not ready",
+    -704: "object not found",
+    -705: "object already exists",
+    -706: "object has a read lease",
+    -707: "read lease expired during the read",
+    -800: "transfer failed (the segment owner is gone: the store server died?)",
+    -801: "checksum mismatch in transfer",
+    -900: "RPC to the Mooncake master failed (master down?)",
+}
+FULL = -200
+NOT_FOUND = -704
+TRANSIENT = (-703, -707)
+
+
+def describe(code: int) -> str:
+    if code in ERRORS:
+        return f"{ERRORS[code]} [{code}]"
+    if -1100 < code <= -1000:
+        return f"Mooncake HA/etcd error [{code}]"
+    if -1200 < code <= -1100:
+        return f"Mooncake file/SSD error [{code}]"
+    return f"Mooncake error [{code}]"
+
+
+def check(code: int, what: str) -> int:
+    """Return code if >= 0, else raise StoreError naming the operation and the meaning."""
+    if code < 0:
+        raise StoreError(f"{what}: {describe(code)}")
+    return code
+
+
+class Objects:
+    """A Mooncake client: `setup`, registered buffers, put_from / get_into / remove(force)."""
+
+    def __init__(self, master: str, *, host: str = "127.0.0.1", segment_bytes: int = 0) -> None:
+        if not debug_enabled():  # ~15 INFO lines per setup; GLOG_minloglevel is ignored
+            os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+        self._store: Any = MooncakeDistributedStore()
+        # local_buffer_size=0: we only use the zero-copy *_from/*_into paths.
+        rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, 0, "tcp", "", master)
+        if rc != 0:
+            raise StoreError(f"Mooncake setup against master {master} failed [{rc}]")
+        self._pin = ReplicateConfig()
+        self._pin.replica_num = 1
+        self._pin.with_hard_pin = True
+        self._registered: set[int] = set()
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        check(self._store.register_buffer(ptr, nbytes), "register buffer")
+        self._registered.add(ptr)
+
+    def unregister(self, ptr: int) -> None:
+        if ptr in self._registered:
+            self._store.unregister_buffer(ptr)
+            self._registered.discard(ptr)
+
+    def put(self, key: str, ptr: int, nbytes: int, *, wait_s: float = 600.0) -> int:
+        """Hard-pinned put from a registered buffer; retries on -200 (full). Returns retries."""
+        deadline = time.monotonic() + wait_s
+        retries, delay = 0, 0.01
+        while True:
+            rc = self._store.put_from(key, ptr, nbytes, self._pin)
+            if rc != FULL:
+                check(rc, f"put {key!r} ({nbytes} bytes)")
+                return retries
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"put {key!r}: store stayed full for {wait_s:.0f}s",
+                    hint="is a consumer running and acking? or raise --capacity",
+                )
+            retries += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def get_into(self, key: str, ptr: int, nbytes: int, tries: int = 5) -> int:
+        """Bytes read into a registered buffer; negative Mooncake code on failure.
+
+        -707 (the read lease expired mid-transfer, seen on an overloaded host) and -703
+        (replica not ready yet) are transient: retried.
+        """
+        for attempt in range(tries):
+            n = int(self._store.get_into(key, ptr, nbytes))
+            if n not in TRANSIENT or attempt == tries - 1:
+                return n
+            time.sleep(0.05 * (attempt + 1))
+        return n
+
+    def remove(self, key: str) -> int:
+        """Force-remove (ignores read leases); 0 or -704 (already gone) are both fine."""
+        rc = self.try_remove(key)
+        if rc not in (0, NOT_FOUND):
+            check(rc, f"remove {key!r}")
+        return rc
+
+    def try_remove(self, key: str) -> int:
+        """Force-remove and return Mooncake's code (-703: a half-written put, try later)."""
+        return int(self._store.remove(key, force=True))
+
+    def remove_prefix(self, prefix: str) -> int:
+        import re
+
+        return max(0, int(self._store.remove_by_regex("^" + re.escape(prefix), force=True)))
+
+    def close(self) -> None:
+        for ptr in list(self._registered):
+            self.unregister(ptr)
+        self._store.close()

@@ -1,0 +1,130 @@
+"""The store server's supervisor: heartbeats, reaping dead producers, rates for `status`.
+
+A heartbeat is a counter each client bumps; we time its changes with our own clock, so
+clients' clocks do not matter. A producer silent for `lease_ttl_s` is declared dead and:
+1. a put it had counted but not published (`resv/<id>`) is undone: in-flight bytes and
+   put counters go back down and the object is force-removed;
+2. its publication claims on its leased seqs that are not marked published are dropped;
+3. its lease (`lease/<id>`, the seqs it had not finished) goes back to `q/returned`.
+If it was only slow and publishes after all, the consumers' delivery claim
+(`got/<epoch>/<index>`) still hands each sample out once.
+
+Mooncake trap: a put interrupted by the producer's death leaves the key half-written:
+`remove` and `get_into` answer -703 (replica not ready) and a new `put` of the key returns 0
+without writing, until the master discards it (`--put_start_discard_timeout_sec`, set
+short in master.py). So such a seq is held back here, and returned to the pool only once
+its key could be removed (it stays in the dead producer's lease key meanwhile, so other
+producers wait for it); otherwise its re-production would publish an empty object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from specctl.store import control as keys
+from specctl.store.control import Control
+from specctl.store.objects import NOT_FOUND
+
+
+@dataclass
+class _Seen:
+    role: str
+    beat: int = -1
+    at: float = 0.0
+    alive: bool = True
+
+
+class Supervisor:
+    def __init__(
+        self, ttl_s: float, run: str = "", remove: Callable[[str], int] | None = None
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.run = run
+        self.remove = remove  # force-remove a Mooncake object -> rc (the server's client)
+        self.seen: dict[str, _Seen] = {}
+        self.held: dict[str, tuple[str, int]] = {}  # half-written key -> (producer, seq)
+        self._last: tuple[float, dict[str, int]] | None = None
+
+    def tick(self, ctl: Control) -> None:
+        now = time.monotonic()
+        for role, cid in ctl.clients():
+            s = self.seen.setdefault(cid, _Seen(role, at=now))
+            beat = ctl.add(keys.hb(cid), 0)
+            if beat != s.beat:
+                s.beat, s.at, s.alive = beat, now, True
+            elif s.alive and (now - s.at > self.ttl_s or ctl.get(keys.left(cid))):
+                s.alive = False
+                self._reap(ctl, cid)
+        self._release_held(ctl)
+        self._rates(ctl, now)
+
+    def _reap(self, ctl: Control, cid: str) -> None:
+        prompts = int(ctl.get("run/num_prompts") or 0)
+        stuck = self._undo_put(ctl, cid)
+        raw = ctl.get(keys.lease(cid))
+        seqs: list[int] = json.loads(raw) if raw else []
+        back = []
+        for seq in seqs if prompts else []:
+            epoch, index = divmod(seq, prompts)
+            claim = ctl.get(keys.pub(epoch, index)) or ""
+            if claim.startswith(cid + "/") and not claim.endswith(keys.PUBLISHED):
+                ctl.delete(keys.pub(epoch, index))
+            if stuck == (epoch, index):
+                self.held[f"{self.run}/{epoch}/{index}"] = (cid, seq)
+            else:
+                back.append(seq)
+        ctl.push_seqs(back if prompts else seqs)
+        self._write_lease(ctl, cid)
+        ctl.count("requeued", len(seqs))
+
+    def _undo_put(self, ctl: Control, cid: str) -> tuple[int, int] | None:
+        """Undo a put counted but never published; the sample id if its key is half-written."""
+        raw = ctl.get(keys.resv(cid))
+        if not raw:
+            return None
+        epoch, index, nbytes = (int(x) for x in raw.split("/"))
+        stuck = None
+        claim = ctl.get(keys.pub(epoch, index)) or ""
+        if claim.startswith(cid + "/") and not claim.endswith(keys.PUBLISHED):
+            rc = self.remove(f"{self.run}/{epoch}/{index}") if self.remove else 0
+            stuck = (epoch, index) if rc not in (0, NOT_FOUND) else None
+            for name, n in (("inflight_bytes", -nbytes), ("inflight_records", -1),
+                            ("puts", -1), ("put_bytes", -nbytes)):  # fmt: skip
+                ctl.count(name, n)
+        ctl.delete(keys.resv(cid))
+        return stuck
+
+    def _release_held(self, ctl: Control) -> None:
+        for key, (cid, seq) in list(self.held.items()):
+            if self.remove is None or self.remove(key) in (0, NOT_FOUND):
+                del self.held[key]
+                ctl.push_seqs([seq])
+                self._write_lease(ctl, cid)
+
+    def _write_lease(self, ctl: Control, cid: str) -> None:
+        """A dead producer's lease keeps only its held seqs, so other producers wait for them."""
+        held = [seq for c, seq in self.held.values() if c == cid]
+        if held:
+            ctl.set(keys.lease(cid), json.dumps(held))
+        else:
+            ctl.delete(keys.lease(cid))
+
+    def _rates(self, ctl: Control, now: float) -> None:
+        counts = ctl.counters()
+        if self._last is None:
+            self._last = (now, counts)
+            for name in ("puts", "put_bytes", "gets", "acks"):
+                ctl.set(f"stats/{name}_per_s", "0")
+        elif now - self._last[0] >= 1.0:
+            t0, c0 = self._last
+            for name in ("puts", "put_bytes", "gets", "acks"):
+                ctl.set(f"stats/{name}_per_s", f"{(counts[name] - c0[name]) / (now - t0):.3f}")
+            self._last = (now, counts)
+        alive: dict[str, int] = {}
+        for s in self.seen.values():
+            alive[s.role] = alive.get(s.role, 0) + int(s.alive)
+        ctl.set("stats/alive", json.dumps(alive))
+        ctl.set("stats/held", str(len(self.held)))

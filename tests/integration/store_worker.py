@@ -1,0 +1,142 @@
+"""Producer / consumer processes for the store integration tests (run as scripts).
+
+Records are deterministic functions of their seq (as real ones are of the sample id), so
+the consumer can check content, not only CRCs. Sizes are mixed: ~4 KiB to ~1 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from specctl.pack import pack_record, record_nbytes
+from specctl.store import Client
+from specctl.store.master import pid_alive
+
+H, K = 64, 3
+
+
+def tokens(seq: int) -> int:
+    """Mixed sizes: T in [8, 2000) -> records of ~4 KiB to ~1 MiB (bf16, H=64, k=3)."""
+    return 8 + (seq * 7919) % 1992
+
+
+def make_record(
+    client: Client | None, seq: int, num_prompts: int
+) -> tuple[torch.Tensor, int, int, int]:
+    epoch, index = divmod(seq, num_prompts)
+    T = tokens(seq)
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, 50_000, (T,), generator=g, dtype=torch.int32)
+    mask = (torch.arange(T) % 3 != 0).to(torch.uint8)
+    aux = torch.randn(T, K * H, generator=g)
+    last = torch.randn(T, H, generator=g)
+    nbytes = record_nbytes(T, H, K, torch.bfloat16)
+    out = client.buffer(nbytes) if client is not None else None
+    rec = pack_record(
+        epoch=epoch,
+        index=index,
+        input_ids=ids,
+        loss_mask=mask,
+        aux_hidden=aux,
+        last_hidden=last,
+        out=out,
+    )
+    return rec, epoch, index, T
+
+
+def check_record(record, seq: int) -> None:
+    """The received views equal what the producer packed for this seq."""
+    T = tokens(seq)
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, 50_000, (T,), generator=g, dtype=torch.int32)
+    assert record.input_ids.shape == (T,) and torch.equal(record.input_ids, ids), seq
+    aux = torch.randn(T, K * H, generator=g)
+    assert torch.equal(record.aux_hidden[0], aux[0].to(torch.bfloat16)), seq
+
+
+def produce(args: argparse.Namespace) -> dict:
+    client = Client.connect(args.store, role="producer")
+    client.run_meta("num_prompts", str(args.num_prompts))
+    published, skipped = [], []
+    while (lease := client.lease_prompts(args.batch, limit=args.limit)) is not None:
+        for seq in lease.seqs:
+            if args.delay:  # "inference time", while the seq is leased
+                time.sleep(args.delay)
+            rec, epoch, index, T = make_record(client, seq, args.num_prompts)
+            if seq in args.corrupt:
+                args.corrupt.remove(seq)  # corrupt it once: the re-produced one is clean
+                rec[-1] ^= 0xFF if rec[-1] != 0 else 0x01  # last_hidden's last byte
+                rec[rec.numel() // 2] ^= 0x5A
+            desc = client.put_record(rec, epoch=epoch, index=index, T=T)
+            (published if desc is not None else skipped).append(seq)
+            lease.done(seq)
+    stats = client.stats()
+    client.close()
+    return {"published": published, "skipped": skipped, "waits": stats["waits"]}
+
+
+def consume(args: argparse.Namespace) -> dict:
+    client = Client.connect(args.store, role="trainer")
+    num_prompts = int(args.num_prompts)
+    seen: list[int] = []
+    if args.start_after:
+        time.sleep(args.start_after)
+    while len(seen) < args.limit:
+        got = client.next_record(timeout_s=args.idle_timeout)
+        if got is None:
+            break
+        d = got.descriptor
+        seq = d.epoch * num_prompts + d.index
+        check_record(got.record, seq)
+        seen.append(seq)
+        client.ack([got])
+    # a repeat (a producer killed between publishing and marking it) is dropped, not delivered
+    extra = client.next_record(timeout_s=1.0)
+    assert extra is None, extra.descriptor
+    client.close()
+    return {"seqs": seen}
+
+
+@contextmanager
+def running_store(state_dir: Path, *flags: str) -> Iterator[dict]:
+    """`store up --detach` ... `store down`; asserts the down leaves no process behind."""
+    from tests.conftest import run_cli
+
+    proc = run_cli("store", "up", "--detach", "--state-dir", str(state_dir), *flags, check=True)
+    state = json.loads(proc.stdout)
+    try:
+        yield state
+    finally:
+        down = run_cli("store", "down", "--store", state["address"], "--state-dir", str(state_dir))
+        assert down.returncode == 0, down.stderr
+        assert json.loads(down.stdout)["forced"] == []
+        assert not pid_alive(state["pid"]) and not pid_alive(state["master_pid"])
+        assert not list(state_dir.glob("store-*.json"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["producer", "consumer"])
+    p.add_argument("--store", required=True)
+    p.add_argument("--limit", type=int, required=True)
+    p.add_argument("--num-prompts", type=int, default=400)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--corrupt", type=int, nargs="*", default=[])
+    p.add_argument("--start-after", type=float, default=0.0)
+    p.add_argument("--idle-timeout", type=float, default=30.0)
+    args = p.parse_args()
+    result = produce(args) if args.role == "producer" else consume(args)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

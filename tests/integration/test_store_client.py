@@ -1,0 +1,96 @@
+"""The store client in one process against a real store: corruption, duplicates, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from specctl.errors import RecordError, StoreError, StoreUnavailable
+from specctl.store import Client
+from tests.conftest import run_cli
+from tests.integration.store_worker import check_record, make_record, running_store
+
+pytestmark = pytest.mark.integration
+PROMPTS = 10
+
+
+def put(client: Client, seq: int, corrupt: bool = False):
+    rec, epoch, index, T = make_record(client, seq, PROMPTS)
+    if corrupt:
+        rec[rec.numel() // 2] ^= 0x5A  # inside a section: header intact, section CRC wrong
+    return client.put_record(rec, epoch=epoch, index=index, T=T)
+
+
+def drain(client: Client, n: int) -> list:
+    got = [client.next_record(timeout_s=10) for _ in range(n)]
+    assert all(g is not None for g in got)
+    return got
+
+
+def sid_seq(got) -> int:
+    return got.descriptor.epoch * PROMPTS + got.descriptor.index
+
+
+def test_corrupt_records_come_back_and_resume_requeues_the_untrained(tmp_path: Path) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")
+        cons = Client.connect(st["address"], role="trainer")
+        # 1. run facts are set once
+        assert prod.run_meta("num_prompts", str(PROMPTS)) == str(PROMPTS)
+        with pytest.raises(StoreError, match="num_prompts"):
+            cons.run_meta("num_prompts", "11")
+        # 2. a corrupted record is dropped by the reader and its sample handed back
+        lease = prod.lease_prompts(6, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [0, 1, 2, 3, 4, 5]
+        for seq in lease.seqs:
+            assert put(prod, seq, corrupt=seq == 2) is not None
+            lease.done(seq)
+        first = drain(cons, 5)
+        assert sorted(map(sid_seq, first)) == [0, 1, 3, 4, 5]
+        assert cons.next_record(timeout_s=0.3) is None
+        assert cons.stats()["corrupt"] == 1
+        # 3. the handed-back seq is leased first and arrives intact
+        lease = prod.lease_prompts(2, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [2, 6]
+        for seq in lease.seqs:
+            put(prod, seq)
+            lease.done(seq)
+        second = drain(cons, 2)
+        assert sorted(map(sid_seq, second)) == [2, 6]
+        for g in first + second:
+            check_record(g.record, sid_seq(g))
+        # 4. a sample already published is not put again; a wrong header is refused
+        assert put(prod, 0) is None
+        rec, *_ = make_record(prod, 7, PROMPTS)
+        with pytest.raises(RecordError, match="put_record was told"):
+            prod.put_record(rec, epoch=0, index=8, T=5)
+        # 5. train 3, "crash" the trainer, resume: the 4 others come back, nothing is left
+        cons.ack(first[:3])
+        trained = {(g.descriptor.epoch, g.descriptor.index) for g in first[:3]}
+        resumed = Client.connect(st["address"], role="trainer")
+        assert resumed.requeue_untrained(trained) == 4
+        status = json.loads(run_cli("store", "status", "--store", st["address"], check=True).stdout)
+        assert (status["inflight_bytes"], status["queued"], status["objects"]) == (0, 0, 0)
+        lease = prod.lease_prompts(10, limit=PROMPTS)
+        assert lease is not None
+        untrained = sorted(set(range(7)) - {sid_seq(g) for g in first[:3]})
+        assert sorted(lease.seqs) == [*untrained, 7, 8, 9]
+        for seq in lease.seqs:
+            put(prod, seq)
+            lease.done(seq)
+        rest = drain(resumed, 7)
+        assert sorted(map(sid_seq, rest)) == sorted(lease.seqs)
+        resumed.ack(rest)
+        assert prod.lease_prompts(4, limit=PROMPTS) is None
+        assert resumed.stats()["inflight_bytes"] == 0
+        for c in (prod, cons):
+            c.close()
+    # 6. the store went away under a connected client: a clear error, and close() still works
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="lost the store"):
+        resumed.next_record(timeout_s=1)
+    resumed.close()
+    assert time.monotonic() - t0 < 20
