@@ -1,0 +1,1 @@
+"""EAGLE-3 draft models (plain nn.Modules) and the draft vocabulary mapping."""

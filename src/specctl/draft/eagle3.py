@@ -1,0 +1,369 @@
+"""The EAGLE-3 draft model: `fc` over the target's aux states, one decoder layer, a pruned LM head.
+
+A plain `nn.Module` (no process groups here: `train/parallel.py` shards it from outside).
+Parameter and buffer names are exactly the SGLang / SpecForge export names (`fc.weight`,
+`midlayer.self_attn.q_proj.weight`, ..., `norm.weight`, `lm_head.weight`, `d2t`, `t2d`,
+`embed_tokens.weight`), so exporting is a filter over `state_dict()`, never a rename.
+
+Forward semantics shared with the serving engines (reference/export-clients.md Q2 item 7):
+- `fc` input is the k aux states concatenated low -> high layer, bias-free;
+- first layer input = cat([input_layernorm(embed(tok)), hidden_norm(h)], -1): embeddings first;
+- the residual is the un-normalised `h`; logits = lm_head(norm(h_out));
+- the hidden fed to the next draft step is the pre-norm `h_out`.
+Row t pairs aux state g_t with token x_{t+1} and sits at RoPE position t; the draft step k
+after it sits at position t+k.
+
+Attention goes through a small `attend(layer, q, k, v)` object so the same layer code serves
+incremental decoding (`DraftCache`) and training (the TTT attention in `train/objective.py`).
+
+Traps: RoPE here is the plain Llama rotation with the target's `rope_theta` (llama3/yarn
+scaling is not applied: fine for drafts at ordinary context lengths); SmolLM2 ties its
+lm_head to the embedding, so `load_target_rows` falls back to the embedding when the
+checkpoint has no `lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Eagle3Config:
+    """Draft shape; `vocab_size` is the target's vocabulary, `draft_vocab_size` the pruned head."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_layers: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    vocab_size: int = 32000
+    draft_vocab_size: int = 32000
+    target_hidden_size: int = 0  # 0 -> hidden_size
+    num_aux: int = 3
+
+    def __post_init__(self) -> None:
+        if self.target_hidden_size == 0:
+            self.target_hidden_size = self.hidden_size
+        if self.num_layers != 1:
+            raise ValueError("only num_layers=1 is supported (the SGLang/vLLM EAGLE-3 layout)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 1..{self.vocab_size}")
+
+    @classmethod
+    def from_target_config(
+        cls, hf_config: Any, draft_vocab_size: int | None = None, **overrides: Any
+    ) -> Eagle3Config:
+        """Shape a draft after a target (HF config object or config.json dict).
+
+        The draft copies the target's width, heads, RoPE and norm eps; `draft_vocab_size`
+        defaults to 32k or the whole target vocab when smaller; `overrides` set any field.
+        """
+        c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        heads = c["num_attention_heads"]
+        rope = c.get("rope_parameters") or {}
+        theta = c.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        vocab = c["vocab_size"]
+        fields: dict[str, Any] = dict(
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(theta),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            vocab_size=vocab,
+            draft_vocab_size=min(draft_vocab_size or 32000, vocab),
+            target_hidden_size=c["hidden_size"],
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Attend(Protocol):
+    """Where keys/values live: `attend` stores this step's k/v and returns attention output."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, nh, q, d], k/v [B, nkv, q, d] (RoPE applied) -> [B, nh, q, d]."""
+        ...
+
+    def commit(self, n: int) -> None:
+        """All layers have attended; `n` new positions are now part of the context."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics like HF LlamaRMSNorm, then back to the input dtype before the weight.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, q] -> cos, sin [B, 1, q, d] (Llama's rotate-half layout)."""
+    inv = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
+    )
+    freqs = position_ids.float()[..., None] * inv  # [B, q, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, q, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """GQA self-attention whose q/k/v read the 2H-wide [embedding ; hidden] input."""
+
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(2 * h, self.nh * d, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.nkv * d, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.nkv * d, bias=False)
+        self.o_proj = nn.Linear(self.nh * d, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend, layer: int
+    ) -> torch.Tensor:
+        b, q, _ = x.shape
+        qs = self.q_proj(x).view(b, q, self.nh, self.d).transpose(1, 2)  # [B, nh, q, d]
+        ks = self.k_proj(x).view(b, q, self.nkv, self.d).transpose(1, 2)  # [B, nkv, q, d]
+        vs = self.v_proj(x).view(b, q, self.nkv, self.d).transpose(1, 2)
+        out = attend.attend(layer, apply_rope(qs, cos, sin), apply_rope(ks, cos, sin), vs)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, self.nh * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    """The one EAGLE-3 decoder layer (`midlayer.*` in SGLang's names)."""
+
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Attend,
+    ) -> torch.Tensor:
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)  # [B, q, 2H]
+        h = hidden + self.self_attn(x, cos, sin, attend, 0)  # residual: the un-normalised h
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    """EAGLE-3 draft. `d2t` [Vd] int64 offsets (target = draft + d2t[draft]); `t2d` [V] bool."""
+
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.embed_tokens.weight.requires_grad_(False)  # frozen copy of the target's
+        self.fc = nn.Linear(cfg.num_aux * cfg.target_hidden_size, h, bias=False)
+        self.midlayer = MidLayer(cfg)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+        t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        t2d[: cfg.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+
+    def combine(self, aux: torch.Tensor) -> torch.Tensor:
+        """aux [B, T, k*H_t] -> [B, T, H]."""
+        return self.fc(aux.to(self.fc.weight.dtype))
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Attend,
+    ) -> torch.Tensor:
+        """One draft step without the head: -> h_out [B, q, H] (pre-norm)."""
+        emb = self.embed_tokens(input_ids).to(hidden.dtype)  # [B, q, H]
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
+        h_out = self.midlayer(emb, hidden, cos, sin, cache)
+        cache.commit(input_ids.shape[1])
+        return h_out
+
+    def logits(self, h_out: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> draft-vocab logits [..., Vd]."""
+        return self.lm_head(self.norm(h_out))
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Attend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, q], hidden [B, q, H], position_ids [B, q] -> (logits [B, q, Vd], h_out)."""
+        h_out = self.step(input_ids, hidden, position_ids, cache)
+        return self.logits(h_out), h_out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Attend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(input_ids, hidden, position_ids, cache)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    @torch.no_grad()
+    def init_from_target(self, embed: torch.Tensor, target_lm_head: torch.Tensor) -> None:
+        """Copy the frozen embedding and start the draft head from the target's draft-vocab rows.
+
+        Call after `set_vocab`: the head rows are `target_lm_head[draft_id + d2t[draft_id]]`.
+        """
+        self.embed_tokens.weight.copy_(embed)
+        ids = torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device)
+        self.lm_head.weight.copy_(target_lm_head[self.to_target_ids(ids).to(target_lm_head.device)])
+
+
+class DraftCache:
+    """K/V for incremental decoding: preallocated per layer, grown by doubling when full.
+
+    `length` positions are valid; `crop(n_keep)` drops rejected draft positions (no copy).
+    New queries see every cached key plus the new keys causally.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.length = 0
+        self._capacity = capacity
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+
+    def crop(self, n_keep: int) -> None:
+        if not 0 <= n_keep <= self.length:
+            raise ValueError(f"crop({n_keep}) outside 0..{self.length}")
+        self.length = n_keep
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, n = self.length, q.shape[2]
+        kb, vb = self._reserve(layer, k, start + n)
+        kb[:, :, start : start + n] = k
+        vb[:, :, start : start + n] = v
+        keys, values = kb[:, :, : start + n], vb[:, :, : start + n]
+        mask = None
+        if n > 1:  # query i (absolute start+i) sees keys 0..start+i
+            pos_q = torch.arange(start, start + n, device=q.device)[:, None]
+            mask = torch.arange(start + n, device=q.device)[None, :] <= pos_q  # [n, start+n]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _reserve(
+        self, layer: int, like: torch.Tensor, need: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kb = self._k.get(layer)
+        if kb is None or kb.shape[2] < need:
+            cap = max(self._capacity, need)
+            while cap < need:
+                cap *= 2
+            if kb is not None:
+                cap = max(cap, 2 * kb.shape[2])
+            shape = (*like.shape[:2], cap, like.shape[3])
+            new_k = like.new_zeros(shape)
+            new_v = like.new_zeros(shape)
+            if kb is not None:
+                new_k[:, :, : self.length] = kb[:, :, : self.length]
+                new_v[:, :, : self.length] = self._v[layer][:, :, : self.length]
+            self._k[layer], self._v[layer] = new_k, new_v
+        return self._k[layer], self._v[layer]
+
+
+def load_target_rows(model_dir: Path | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding [V, H], lm_head [V, H]) read from the target's safetensors alone, not the model.
+
+    Tied checkpoints (SmolLM2) have no `lm_head.weight`: the embedding is returned for both.
+    """
+    from safetensors import safe_open
+
+    from specctl.errors import InputError
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    elif (root / "model.safetensors").is_file():
+        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+    else:
+        raise InputError(f"no safetensors weights in {root}", "pass a local HF model folder")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(root / weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    embed_key = next(
+        (k for k in ("model.embed_tokens.weight", "embed_tokens.weight") if k in weight_map), None
+    )
+    if embed_key is None:
+        raise InputError(f"{root} has no embed_tokens weight")
+    embed = read(embed_key)
+    head = read("lm_head.weight") if "lm_head.weight" in weight_map else embed
+    return embed, head

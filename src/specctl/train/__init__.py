@@ -1,0 +1,1 @@
+"""Draft training: data (store/dir -> batches), TTT objective, parallelism, loop, checkpoints."""

@@ -1,0 +1,373 @@
+"""`train_draft(cfg)`: the training loop, the same on 1 rank and on N (torchrun).
+
+Per optimizer step every rank: takes its prefetched micro-batches (data-wait measured),
+agrees with the others that everyone has data (else all stop together), all-reduces the
+per-step token counts (the loss denominators, so N ranks == 1 rank with the same global
+batch), runs forward/backward per micro-batch, clips, steps AdamW and the LR schedule,
+then acks the samples (store) and records their ids as trained. Every `eval_every` steps
+the held-out slice gives a simulated acceptance length; `best` follows it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specctl.config import save_config, to_dict
+from specctl.console import Progress, log
+from specctl.train import parallel
+from specctl.train.checkpoint import (
+    TrainerState,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+    write_rng,
+)
+from specctl.train.data import Batch, Prefetcher
+from specctl.train.metrics import MetricsLog
+from specctl.train.objective import simulated_al, step_counts
+from specctl.train.run_config import TrainDraftConfig
+from specctl.train.setup import (
+    TTTModel,
+    as_result,
+    build_model,
+    build_optimizer,
+    draft_config,
+    prepare_out,
+    resolve_vocab,
+)
+from specctl.train.sources import open_source
+
+
+def train_draft(cfg: TrainDraftConfig) -> dict[str, Any]:
+    """Train; returns the summary (rank 0's view; all ranks return it)."""
+    env = parallel.init_distributed()
+    try:
+        return _run(cfg, env)
+    finally:
+        parallel.shutdown()
+
+
+def _run(cfg: TrainDraftConfig, env: parallel.Dist) -> dict[str, Any]:
+    from specctl.target.models import resolve_model
+
+    out = prepare_out(cfg.out)
+    target_dir = resolve_model(cfg.target)
+    dcfg = draft_config(cfg, target_dir)
+    ckpt, state = read_checkpoint(out) if cfg.resume else (None, TrainerState())
+    if ckpt is not None:
+        _check_same_shape(ckpt, cfg)
+    source = open_source(cfg, env, dcfg, out, state)
+    try:
+        mapping = resolve_vocab(cfg, env, dcfg, source.first_samples, out, ckpt)
+        model = parallel.parallelize(
+            build_model(dcfg, mapping, target_dir, cfg, env), env, cfg.precision, cfg.compile
+        )
+        optim, sched = build_optimizer(model, cfg)
+        if ckpt is not None:
+            _restore(ckpt, model, optim, sched, env)
+        if env.is_main:
+            save_config(cfg, out / "config.json")
+            log(
+                f"draft: {dcfg.draft_vocab_size} draft tokens (coverage "
+                f"{mapping.coverage():.3f}), world {env.world}, start step {state.step}"
+            )
+        return _loop(cfg, env, out, model, optim, sched, state, source)
+    finally:
+        source.close()
+
+
+def _check_same_shape(ckpt: Path, cfg: TrainDraftConfig) -> None:
+    """A resume must build the same draft: compare the shape-defining settings."""
+    import json
+
+    from specctl.errors import CheckpointError
+
+    saved = json.loads((ckpt / "config.json").read_text())
+    now = to_dict(cfg)
+    keys = [
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_aux",
+        "draft_vocab_size",
+    ]
+    diff = [k for k in keys if saved["draft"].get(k) != now["draft"][k]]
+    if diff:
+        raise CheckpointError(
+            f"--resume: {ckpt} was trained with different {', '.join(diff)}",
+            "resume with the run's own settings (see its config.json)",
+        )
+
+
+def _restore(ckpt: Path, model: Any, optim: Any, sched: Any, env: parallel.Dist) -> None:
+    from safetensors.torch import load_file
+
+    sd = {f"draft.{k}": v for k, v in load_file(str(ckpt / "draft.safetensors")).items()}
+    parallel.load_full_state_dict(model, sd)
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    parallel.load_optimizer_state(model, optim, saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    restore_rng(ckpt, env.rank)
+
+
+def _loop(
+    cfg: TrainDraftConfig,
+    env: parallel.Dist,
+    out: Path,
+    model: Any,
+    optim: Any,
+    sched: Any,
+    state: TrainerState,
+    source: Any,
+) -> dict[str, Any]:
+    metrics = MetricsLog(out, env.is_main)
+    pf = Prefetcher(source.produce)
+    t0 = time.monotonic()
+    last: dict[str, float] = {}
+    heldout_al = 0.0
+    start_step = state.step
+    try:
+        with Progress("train-draft", total=cfg.max_steps) if env.is_main else _Quiet() as prog:
+            prog.done = state.step
+            while state.step < cfg.max_steps:
+                group: list[Batch] | None = pf.get()
+                if not _all_have(group, env):
+                    break
+                source.on_step(group or [], state)
+                last = _train_step(cfg, env, model, optim, sched, group or [], state)
+                pf.ack([h for b in group or [] for h in b.handles])
+                _maybe_die(state.step)
+                elapsed = time.monotonic() - t0
+                last.update(
+                    samples_per_s=(state.samples - source.start_samples) / elapsed,
+                    tokens_per_s=(state.tokens - source.start_tokens) / elapsed,
+                    data_wait_pct=100.0 * pf.wait_s / elapsed,
+                    lr=sched.get_last_lr()[0],
+                )
+                prog.update(
+                    1,
+                    loss=last["loss"],
+                    acc_0=last["acc_0"],
+                    al=last["sim_al"],
+                    tok_s=last["tokens_per_s"],
+                    wait_pct=last["data_wait_pct"],
+                )
+                if state.step % cfg.log_every == 0:
+                    metrics.write("train", state.step, last)
+                evaluate = state.step % cfg.eval_every == 0
+                if evaluate or state.step % cfg.save_every == 0:
+                    heldout_al = _eval_and_save(
+                        cfg, env, out, model, optim, sched, state, source, metrics, heldout_al
+                    )
+        if state.step > start_step and state.step % cfg.save_every and state.step % cfg.eval_every:
+            heldout_al = _eval_and_save(
+                cfg,
+                env,
+                out,
+                model,
+                optim,
+                sched,
+                state,
+                source,
+                metrics,
+                heldout_al,
+                force_eval=True,
+            )
+    finally:
+        pf.close()
+        source.finish(pf)
+        metrics.close()
+    if state.step == 0:
+        from specctl.errors import InputError
+
+        raise InputError(
+            "no training step ran: the data ended before one global batch",
+            "give more records or a smaller --batch-size",
+        )
+    elapsed = time.monotonic() - t0
+    return {
+        "steps": state.step,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "loss": last.get("loss"),
+        "acc_0": last.get("acc_0"),
+        "sim_al": last.get("sim_al"),
+        "heldout_al": heldout_al,
+        "best_al": state.best_al,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "data_wait_pct": 100.0 * pf.wait_s / elapsed,
+        "world": env.world,
+        "out": str(out),
+        "checkpoint": str((out / "latest").resolve()),
+    }
+
+
+class _Quiet:
+    """Progress stand-in for ranks other than 0 (one progress display per run)."""
+
+    done = 0
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int = 1, **fields: Any) -> None:
+        pass
+
+
+def _maybe_die(step: int) -> None:
+    """Fault injection for the resume tests: SIGKILL ourselves after a given step."""
+    import os
+    import signal
+
+    if os.environ.get("SPECCTL_TEST_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _all_have(group: list[Batch] | None, env: parallel.Dist) -> bool:
+    flag = torch.tensor([1 if group else 0], device=env.device)
+    return bool(parallel.all_reduce(flag, "min").item())
+
+
+def _to(b: Batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        t.to(device, non_blocking=True) for t in (b.input_ids, b.loss_mask, b.aux, b.last_hidden)
+    )
+
+
+def _train_step(
+    cfg: TrainDraftConfig,
+    env: parallel.Dist,
+    model: TTTModel,
+    optim: Any,
+    sched: Any,
+    group: list[Batch],
+    state: TrainerState,
+) -> dict[str, float]:
+    k = cfg.ttt_length
+    # Every rank runs the same number of forwards (FSDP collectives): pad with masked copies.
+    n_micro = int(parallel.all_reduce(torch.tensor([len(group)], device=env.device), "max"))
+    group = group + [_masked(group[-1])] * (n_micro - len(group))
+    denom = sum(step_counts(b.loss_mask, k) for b in group).to(env.device)  # type: ignore[union-attr]
+    # int64: mixed precision casts floating forward inputs to bf16 (exact only up to 256)
+    denom = parallel.all_reduce(denom).round().long()
+    sums = torch.zeros(4, k, device=env.device)  # loss_sum, hits, count, valid
+    for m, b in enumerate(group):
+        model.set_requires_gradient_sync(m == n_micro - 1)  # type: ignore[operator]
+        r = as_result(model(*_to(b, env.device), denom))
+        (r.loss * env.world).backward()  # FSDP averages over ranks; we want the sum
+        sums += torch.stack(
+            [r.loss_sum.float(), r.hits, r.count.to(env.device), r.valid.to(env.device)]
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+    )
+    optim.step()
+    sched.step()
+    optim.zero_grad(set_to_none=True)
+    tokens = torch.tensor([float(sum(b.tokens for b in group if b.ids))], device=env.device)
+    samples = torch.tensor([float(sum(len(b.ids) for b in group))], device=env.device)
+    parallel.all_reduce(sums)
+    parallel.all_reduce(tokens)
+    parallel.all_reduce(samples)
+    for b in group:
+        state.trained.update(b.ids)
+    state.step += 1
+    state.samples += int(samples.item())
+    state.tokens += int(tokens.item())
+    return _step_metrics(sums, grad_norm)
+
+
+def _masked(b: Batch) -> Batch:
+    return Batch(b.input_ids, torch.zeros_like(b.loss_mask), b.aux, b.last_hidden, [], [])
+
+
+def _step_metrics(sums: torch.Tensor, grad_norm: Any) -> dict[str, float]:
+    loss_sum, hits, count, valid = (s.cpu() for s in sums)
+    count = count.clamp(min=1)
+    acc = (hits / count).tolist()
+    losses = (loss_sum / count).tolist()
+    weights = [0.8**i for i in range(len(acc))]
+    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    m = {
+        "loss": sum(w * x for w, x in zip(weights, losses, strict=True)),
+        "sim_al": simulated_al(acc),
+        "grad_norm": float(gn),
+        "in_vocab": float(valid.sum() / count.sum()),
+    }
+    m.update({f"acc_{i}": a for i, a in enumerate(acc)})
+    m.update({f"loss_{i}": x for i, x in enumerate(losses)})
+    return m
+
+
+@torch.no_grad()
+def evaluate(
+    cfg: TrainDraftConfig, env: parallel.Dist, model: TTTModel, batches: list[Batch]
+) -> dict[str, float]:
+    """Simulated AL on the held-out slice (every rank evaluates the same batches)."""
+    k = cfg.ttt_length
+    sums = torch.zeros(4, k, device=env.device)
+    for b in batches:
+        denom = step_counts(b.loss_mask, k).long().to(env.device)
+        r = as_result(model(*_to(b, env.device), denom))
+        sums += torch.stack(
+            [r.loss_sum.float(), r.hits, r.count.to(env.device), r.valid.to(env.device)]
+        )
+    m = _step_metrics(sums, torch.tensor(0.0))
+    m.pop("grad_norm")
+    return m
+
+
+def _eval_and_save(
+    cfg: TrainDraftConfig,
+    env: parallel.Dist,
+    out: Path,
+    model: Any,
+    optim: Any,
+    sched: Any,
+    state: TrainerState,
+    source: Any,
+    metrics: MetricsLog,
+    heldout_al: float,
+    force_eval: bool = False,
+) -> float:
+    batches = source.heldout_batches()
+    if batches and (force_eval or state.step % cfg.eval_every == 0):
+        ev = evaluate(cfg, env, model, batches)
+        heldout_al = ev["sim_al"]
+        metrics.write("eval", state.step, ev)
+        if env.is_main:
+            log(
+                f"[eval] step {state.step}: held-out sim AL {heldout_al:.3f} "
+                f"acc_0 {ev['acc_0']:.3f} on {sum(len(b.ids) for b in batches)} samples"
+            )
+    best = heldout_al > state.best_al or not (out / "best").exists()
+    if best:
+        state.best_al = heldout_al
+    state.metrics = {"heldout_al": heldout_al}
+    # each rank saw its own samples: the checkpoint holds the union
+    state.trained = set().union(*parallel.all_gather_object(state.trained))
+    state.heldout_seen = set().union(*parallel.all_gather_object(state.heldout_seen))
+    model_sd = parallel.full_state_dict(model)
+    optim_sd = parallel.full_optimizer_state(model, optim)
+    write_rng(out, state.step, env.rank)
+    parallel.barrier()
+    if env.is_main:
+        sd = {k.removeprefix("draft."): v for k, v in model_sd.items()}
+        write_checkpoint(
+            out,
+            state,
+            sd,
+            {"optimizer": optim_sd, "scheduler": sched.state_dict()},
+            out / "config.json",
+            out / "vocab.safetensors",
+            best,
+        )
+    parallel.barrier()
+    return heldout_al
