@@ -57,8 +57,10 @@ $(VLLM_STAMP): pyproject.toml | $(VENV)/.apt
 	bash recipes/setup-vllm.sh $(VLLM_VENV)
 	@touch $@
 
+# vLLM's CPU path needs the Intel OpenMP its wheel ships preloaded (~25x faster on 2 shared cores).
 test-engines: setup setup-vllm
-	$(VENV)/bin/pytest -q -m engines -p no:cacheprovider
+	IOMP=$(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so; \
+	LD_PRELOAD=$$( [ -f $$IOMP ] && echo $$IOMP ) $(VLLM_VENV)/bin/pytest -q -m engines -p no:cacheprovider tests/engines
 
 clean:
 	rm -rf build $(VENV) src/*.egg-info

@@ -21,7 +21,11 @@ def command(
         ),
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="hf (transformers, CPU/GPU) or sglang (GPU).")
+        str | None,
+        typer.Option(
+            help="hf (transformers, CPU/GPU), sglang (GPU) or vllm (CPU/GPU; make setup-vllm, "
+            "run .venv-vllm/bin/specctl)."
+        ),
     ] = None,
     store: StoreOpt = None,
     to_dir: Annotated[

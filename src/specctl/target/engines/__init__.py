@@ -93,4 +93,10 @@ def build_engine(
         from specctl.target.engines.sglang import SGLangEngine
 
         return SGLangEngine(model_path, aux_layers=aux_layers, token_budget=token_budget)
-    raise UsageError(f"unknown engine {name!r}", "use --engine hf or --engine sglang")
+    if name == "vllm":
+        from specctl.target.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            model_path, device=device, aux_layers=aux_layers, token_budget=token_budget
+        )
+    raise UsageError(f"unknown engine {name!r}", "use --engine hf, sglang or vllm")

