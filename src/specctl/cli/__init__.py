@@ -51,7 +51,7 @@ def _register() -> None:
         if isinstance(target, typer.Typer):
             app.add_typer(target, name=name, help=help_text)
         else:
-            app.command(name=name, help=help_text)(target)
+            app.command(name=name, short_help=help_text)(target)
 
 
 _register()
@@ -63,6 +63,8 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 def main() -> None:
+    from rich.markup import escape  # messages may hold brackets (paths, gloo's "[file:line]")
+
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         # standalone mode: typer/click print usage errors themselves and exit 2.
@@ -70,7 +72,7 @@ def main() -> None:
     except SpecctlError as e:
         if debug_enabled():
             raise
-        err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
+        err.print(f"[bold red]Error:[/] {escape(str(e))}", markup=True, highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -78,7 +80,7 @@ def main() -> None:
         if debug_enabled():
             raise
         err.print(
-            f"[bold red]Error:[/] internal error: {type(e).__name__}: {e} "
+            f"[bold red]Error:[/] internal error: {type(e).__name__}: {escape(str(e))} "
             "(rerun with SPECCTL_DEBUG=1 for the traceback)",
             highlight=False,
         )

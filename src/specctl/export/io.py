@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from specctl.errors import CheckpointError
+from specctl.errors import CheckpointError, InputError
 from specctl.export import layout
 from specctl.export.formats import config_kind, parse_config
 
@@ -128,7 +128,10 @@ def write_dir(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor])
         raise CheckpointError(
             f"output directory {out} exists and is not empty", "choose a new directory"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only or missing mount: a user mistake, not a crash
+        raise InputError(f"cannot create output directory {out}: {e.strerror}") from None
     save_file(
         {k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata={"format": "pt"}
     )

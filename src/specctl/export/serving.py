@@ -29,6 +29,8 @@ def export_draft(
     """Write `ckpt` as layout `to` into `out`; returns a summary for the JSON line."""
     if to not in LAYOUTS:
         raise UsageError(f"unknown export layout {to!r}", f"one of: {', '.join(LAYOUTS)}")
+    if speculative_tokens < 1:
+        raise UsageError(f"--k must be at least 1, got {speculative_tokens}")
     src = read_draft_dir(ckpt)
     cfg, state = src.cfg, dict(src.state)
     embed = to == "hf"

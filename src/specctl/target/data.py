@@ -13,6 +13,7 @@ prompt; a dataset with no usable row is an InputError.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ def _load_rows(spec: str) -> list[dict[str, Any]]:
 
 
 def _load_path(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl" and path.is_file():
+        _check_jsonl(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -142,3 +145,17 @@ def _load_path(path: Path) -> list[dict[str, Any]]:
     except Exception as e:  # datasets raises many types for unreadable files
         raise InputError(f"cannot read dataset {path}: {str(e).splitlines()[0]}") from None
     return list(ds)
+
+
+def _check_jsonl(path: Path) -> None:
+    """Name the bad line: datasets only logs a pyarrow error and raises a generic one."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {n} is not a JSON object")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from specctl.console import Progress, log
-from specctl.errors import UsageError
+from specctl.errors import InputError, UsageError
 
 
 @dataclass
@@ -63,7 +63,10 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         raise UsageError(f"--dtype must be bf16 or fp32, not {cfg.dtype!r}")
     if cfg.data is None and cfg.self_prompts <= 0:
         raise UsageError("no prompts: give --data or --self-prompts N")
-    if cfg.to_dir is None:
+    _check_ranges(cfg)
+    if cfg.to_dir is not None:
+        _check_writable(cfg.to_dir)
+    else:
         from specctl.store.address import parse, require
 
         addr = parse(store)
@@ -122,6 +125,31 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         "aux_layers": engine.aux_layers,
         "sink": str(cfg.to_dir) if cfg.to_dir else "store",
     }
+
+
+def _check_ranges(cfg: ServeTargetConfig) -> None:
+    for flag, value, low in (
+        ("--epochs", cfg.epochs, 1),
+        ("--max-samples", cfg.max_samples, 1),
+        ("--max-new-tokens", cfg.max_new_tokens, 1),
+        ("--self-prompts", cfg.self_prompts, 0),
+        ("--temperature", cfg.temperature, 0),
+    ):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not 0 < cfg.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before loading the model, without creating anything yet."""
+    import os
+
+    parent = folder.expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write records under --to-dir {folder}: {parent} is not writable")
 
 
 def _open_sink(

@@ -65,7 +65,12 @@ class DirSink:
         self.limit = limit
         self.next_seq = 0
         self._buf = torch.empty(0, dtype=torch.uint8)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from specctl.errors import InputError
+
+            raise InputError(f"cannot create --to-dir {folder}: {e.strerror}") from None
         _claim_meta(folder / "meta.json", {"num_prompts": num_prompts, **meta})
 
     def path(self, epoch: int, index: int) -> Path:
