@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_pack", "bench_transport", "bench_producer", "bench_train"]
+ORDER = ["bench_pack", "bench_transport", "bench_producer", "bench_train", "bench_decode"]
 
 
 def main(argv: list[str] | None = None) -> int:

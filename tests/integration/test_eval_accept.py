@@ -90,6 +90,9 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
     assert set(a["speedups"]) == {"target", "eagle3", "eagle3-tree", "prompt-lookup"}
     rep = json.loads((root / "rep-ckpt/report.json").read_text())
     assert set(rep["rows"]["eagle3"]["time_ms_per_round"]) == {"draft", "verify", "overhead"}
+    assert sum(rep["rows"]["eagle3"]["time_share"].values()) == pytest.approx(1.0)
+    assert set(a["time_ms_per_round"]["eagle3"]) == {"draft", "verify", "overhead"}
+    assert sum(a["k_histogram"]) == rep["rows"]["eagle3"]["rounds"]
     assert (root / "rep-ckpt/acceptance.png").read_bytes()[:4] == b"\x89PNG"
 
     exp = _summary(
@@ -125,6 +128,9 @@ def test_user_errors_are_one_line(tiny: dict[str, Path]) -> None:
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "greedy" in proc.stderr
+    proc = run_cli("eval-accept", "--model", str(tiny["target"]), "--adaptive-threshold", "1.5")
+    assert proc.returncode == 2 and "adaptive-threshold" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = run_cli(
         "eval-accept",
         "--model",
@@ -161,11 +167,13 @@ def test_eval_accept_sampling_runs(tiny: dict[str, Path]) -> None:
             max_prompts=2,
             max_new_tokens=12,
             temperature=0.8,
+            adaptive_threshold=0.05,
             threads=1,
             out=str(tiny["root"] / "rep-sample"),
         )
     )
     assert s["lossless"] is None and s["acceptance_length"] >= 1.0
+    assert len(s["k_histogram"]) == 5 and sum(s["k_histogram"]) > 0
 
 
 def test_smollm2_lossless_mtbench(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specctl.draft.eagle3 import Eagle3Config, Eagle3Draft
+from specctl.draft.eagle3 import DraftCache, Eagle3Config, Eagle3Draft
 from specctl.draft.vocab import build_mapping
 from specctl.evaluate.drafters import Eagle3Drafter
 from specctl.evaluate.specdec import speculative_decode, target_decode
@@ -214,3 +214,71 @@ def test_tree_of_one_branch_is_the_chain(setup: dict) -> None:
         for p in setup["prompts"]
     ]
     assert tree == chain
+
+
+def _median_confidence(s: dict, draft: Eagle3Draft) -> float:
+    """Between the two middle top-1 probabilities after each prompt: a threshold that must cut
+    (and never ties with a confidence, which rounding could flip)."""
+    confs = []
+    for p in s["prompts"]:
+        s["ver"].reset()
+        logits, aux = s["ver"].forward(p, aux=True)
+        d = Eagle3Drafter(draft)
+        d.start(p, aux, int(logits[-1].argmax()))
+        confs.append(float(torch.softmax(d._logits, -1).max()))
+    confs.sort()
+    return (confs[len(confs) // 2 - 1] + confs[len(confs) // 2]) / 2
+
+
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_adaptive_k_is_lossless(setup: dict, draft: str) -> None:
+    """Adaptive k with padded verify (and q=1 rounds when nothing is proposed) keeps greedy text."""
+    threshold = _median_confidence(setup, setup[draft])
+    ks: list[int] = []
+    for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+        d = Eagle3Drafter(setup[draft], adaptive_threshold=threshold)
+        res = speculative_decode(setup["ver"], d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref
+        assert all(a <= k for a, k in zip(res.accepted, res.proposed, strict=True))
+        ks += res.proposed
+    assert max(ks) <= 4 and 0 in ks  # rounds with no proposal take the q=1 path
+    assert max(ks) > 0  # ... and others draft: the cut really varies k
+
+
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_adaptive_proposal_is_a_prefix_of_the_full_chain(setup: dict, draft: str) -> None:
+    """The cut only shortens the chain: same tokens, and the confidence rule decides where."""
+    ver, d = setup["ver"], setup[draft]
+    thr = _median_confidence(setup, d)
+    for p in setup["prompts"][:6]:
+        ver.reset()
+        logits, aux = ver.forward(p, aux=True)
+        first = int(logits[-1].argmax())
+        full, cut = Eagle3Drafter(d), Eagle3Drafter(d, adaptive_threshold=thr)
+        full.start(p, aux, first)
+        cut.start(p, aux, first)
+        a, b = full.propose(4, 0.0, None).tokens, cut.propose(4, 0.0, None).tokens
+        assert torch.equal(a[: b.numel()], b)
+        # recompute the cut: cumulative top-1 probability of the full chain
+        cache, x = DraftCache(), torch.cat([p[1:], torch.tensor([first])])
+        conf, want = 1.0, 0
+        with torch.no_grad():
+            lg, h = d.decode(x[None], d.combine(aux[None]), torch.arange(x.numel())[None], cache)
+            for j in range(4):
+                conf *= float(torch.softmax(lg[0, -1], -1).max())
+                if conf < thr:
+                    break
+                want = j + 1
+                pos = torch.tensor([[x.numel() + j]])
+                lg, h = d.decode(a[j : j + 1][None], h[:, -1:], pos, cache)
+        assert b.numel() == want
+
+
+def test_adaptive_sampling_runs(setup: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    for p in setup["prompts"][:4]:
+        d = Eagle3Drafter(setup["trained"], adaptive_threshold=0.01)
+        res = speculative_decode(
+            setup["ver"], d, p, k=4, max_new_tokens=NEW, temperature=0.8, gen=g
+        )
+        assert len(res.tokens) == NEW and min(res.proposed) >= 0

@@ -41,6 +41,9 @@ def test_summary_counts() -> None:
     t = s["time_ms_per_round"]
     assert t["draft"] == pytest.approx(400 / 5) and t["verify"] == pytest.approx(1000 / 5)
     assert t["overhead"] == pytest.approx((2000 - 200 - 400 - 1000) / 5)
+    share = s["time_share"]
+    assert share["verify"] == pytest.approx(1000 / 1800) and sum(share.values()) == pytest.approx(1)
+    assert s["k_histogram"] == [0, 0, 0, 1, 4] and s["mean_k"] == pytest.approx(19 / 5)
     rows = {"target": {"tok_per_s": 10.0}, "eagle3": {"tok_per_s": 15.0}}
     metrics.add_speedups(rows)
     assert rows["eagle3"]["speedup"] == pytest.approx(1.5)

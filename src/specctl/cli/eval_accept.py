@@ -33,6 +33,14 @@ def command(
         int | None, typer.Option("--max-new-tokens", help="Tokens generated per prompt.")
     ] = None,
     k: Annotated[int | None, typer.Option("--k", help="Draft tokens per round (chain).")] = None,
+    adaptive_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--adaptive-threshold",
+            help="Adaptive k: stop drafting when the draft's cumulative top-1 probability "
+            "drops below this (default 0.05; 0 = always k tokens).",
+        ),
+    ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="0 = greedy (lossless); >0 = speculative sampling.")
     ] = None,
@@ -84,6 +92,7 @@ def command(
         max_prompts=max_prompts,
         max_new_tokens=max_new_tokens,
         k=k,
+        adaptive_threshold=adaptive_threshold,
         temperature=temperature,
         check_lossless=check_lossless or None,
         tree=tree or None,

@@ -49,17 +49,29 @@ class PromptLookupDrafter:
 
 
 class Eagle3Drafter:
-    """Chain drafting with an `Eagle3Draft`: k sequential one-token steps."""
+    """Chain drafting with an `Eagle3Draft`: up to k sequential one-token steps.
+
+    Adaptive k (EAGLE-2's confidence cut, chain form): with `adaptive_threshold` t > 0 the
+    chain stops before a token whose cumulative draft confidence (product of the top-1
+    probabilities so far; of the sampled token's probability when sampling) falls below t,
+    so low-confidence rounds skip the remaining draft steps, and a round proposing nothing
+    verifies at q=1 (a plain decode step) instead of a padded q=5. Any stopping rule that only
+    reads the draft's own outputs keeps greedy output identical and sampling unbiased.
+    """
 
     name = "eagle3"
     needs_aux = True
 
-    def __init__(self, draft: Any, aux_layers: list[int] | None = None) -> None:
+    def __init__(
+        self, draft: Any, aux_layers: list[int] | None = None, adaptive_threshold: float = 0.0
+    ) -> None:
         self.draft = draft.eval()
         self.aux_layers = aux_layers  # target layers it reads (None = the default)
+        self.threshold = adaptive_threshold
         vd = int(draft.d2t.numel())
-        self._draft_to_target = torch.arange(vd) + draft.d2t.long()  # [Vd]
+        self._draft_to_target = torch.arange(vd) + draft.d2t.long()  # [Vd]: gather on ids only
         self._vocab = int(draft.t2d.numel())
+        self._pos = torch.arange(1024)[None]  # [1, P] position ids, sliced (grown when needed)
         self.cache: Any = None
         self._logits = torch.empty(0)  # [Vd] draft logits for the next token
         self._h = torch.empty(0)  # [1, 1, H] pre-norm state that produced them
@@ -81,38 +93,53 @@ class Eagle3Drafter:
         assert aux is not None
         self._read(tokens.long(), aux)
 
+    def _positions(self, start: int, n: int) -> torch.Tensor:
+        """[1, n] positions start..start+n-1: a view of one preallocated arange."""
+        if start + n > self._pos.shape[1]:
+            self._pos = torch.arange(2 * (start + n))[None]
+        return self._pos[:, start : start + n]
+
     def _read(self, tokens: torch.Tensor, aux: torch.Tensor) -> None:
         """tokens [n], aux [n, k*H]: append n committed positions to the draft cache."""
-        start = self.cache.length
-        hidden = self.draft.combine(aux[None].to(self.draft.fc.weight.dtype))  # [1, n, H]
-        pos = torch.arange(start, start + tokens.numel())[None]  # [1, n]
-        logits, h = self.draft.decode(tokens[None], hidden, pos, self.cache)  # [1,n,Vd], [1,n,H]
-        self._logits, self._h = logits[0, -1].float(), h[:, -1:]
+        pos = self._positions(self.cache.length, tokens.numel())  # [1, n]
+        hidden = self.draft.combine(aux[None])  # [1, n, H]
+        h = self.draft.step(tokens[None], hidden, pos, self.cache)  # [1, n, H]
+        self._h = h[:, -1:]  # [1, 1, H]
+        self._logits = self.draft.logits(self._h)[0, 0].float()  # [Vd]: the last row only
 
     @torch.inference_mode()
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
         keep = self.cache.length
-        logits, h = self._logits, self._h
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
+        logits, h = self._logits, self._h  # [Vd], [1, 1, H]
+        tokens = torch.empty(k, dtype=torch.long)  # [k] target ids, filled without .item()
+        probs: list[torch.Tensor] = []  # [Vd] each, sampling only
+        conf, n = 1.0, 0
         for j in range(k):
+            # 1. Pick a draft-vocab id (argmax or sample); map THAT id to the target vocab.
             if temperature > 0:
                 q = torch.softmax(logits / temperature, dim=-1)  # [Vd]
-                d = int(torch.multinomial(q, 1, generator=gen))
-                full = torch.zeros(self._vocab)  # [V]: zero outside the draft vocab
-                full[self._draft_to_target] = q
-                probs.append(full)
+                d = torch.multinomial(q, 1, generator=gen)[0]  # 0-d: no .item()
             else:
-                d = int(logits.argmax())
-            tokens.append(int(self._draft_to_target[d]))
+                d = logits.argmax()  # 0-d
+            # 2. Adaptive k: stop before a token the draft itself doubts (cumulative confidence).
+            if self.threshold > 0:
+                conf *= float(q[d] if temperature > 0 else torch.softmax(logits, -1)[d])
+                if conf < self.threshold:
+                    break
+            tokens[j] = self._draft_to_target[d]
+            if temperature > 0:
+                probs.append(q)
+            n = j + 1
             if j == k - 1:
                 break
-            ids = torch.tensor([[tokens[-1]]])
-            pos = torch.tensor([[keep + j]])
-            lg, h = self.draft.decode(ids, h, pos, self.cache)  # [1,1,Vd], [1,1,H]
-            logits = lg[0, -1].float()
+            # 3. One draft step on the token just proposed, fed its own pre-norm state.
+            lg, h = self.draft.decode(
+                tokens[j : j + 1][None], h, self._positions(keep + j, 1), self.cache
+            )
+            logits = lg[0, -1].float()  # [Vd]
         self.cache.crop(keep)  # chain guesses leave; accepted tokens come back with target states
-        return Proposal(
-            tokens=torch.tensor(tokens, dtype=torch.long),
-            probs=torch.stack(probs) if probs else None,
-        )
+        full: torch.Tensor | None = None
+        if probs:  # one scatter for the whole chain: zero outside the draft vocab
+            full = torch.zeros(n, self._vocab)  # [n, V]
+            full[:, self._draft_to_target] = torch.stack(probs)
+        return Proposal(tokens=tokens[:n], probs=full)

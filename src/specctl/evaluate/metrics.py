@@ -4,7 +4,10 @@
   is not part of any round); the target alone has AL 1 by construction;
 - per-position acceptance: `accept_rate[j]` = P(draft token j+1 accepted | it was proposed),
   `accept_rate_cond[j]` = P(token j+1 accepted | token j accepted), the EAGLE papers' alpha;
-- tokens/s = all generated tokens / all wall time (prefill included) over the same prompts.
+- tokens/s = all generated tokens / all wall time (prefill included) over the same prompts;
+- where a round's time goes: draft / verify / overhead (accept, emit, crop: the loop's own
+  Python) ms per round and their share; `k_histogram[j]` = rounds that proposed j tokens
+  (adaptive k and prompt lookup propose fewer than k).
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ def summarize(results: list[DecodeResult], k: int) -> dict[str, Any]:
     for r in results:
         for e in r.emitted:
             hist[min(e, k + 1) - 1] += 1
+    k_hist = [0] * (k + 1)  # rounds proposing 0..k tokens
+    for p in proposed:
+        k_hist[min(p, k)] += 1
     prefill = sum(r.prefill_s for r in results)
     draft = sum(r.draft_s for r in results)
     verify = sum(r.verify_s for r in results)
     per_round = 1000.0 / rounds if rounds else 0.0
+    split = {"draft": draft, "verify": verify, "overhead": wall - prefill - draft - verify}
+    decode_s = sum(split.values())
     return {
         "prompts": len(results),
         "tokens": tokens,
@@ -43,11 +51,10 @@ def summarize(results: list[DecodeResult], k: int) -> dict[str, Any]:
             g / prev if prev else None for g, prev in zip(got, [reached[0], *got[:-1]], strict=True)
         ],
         "al_histogram": hist,
-        "time_ms_per_round": {
-            "draft": draft * per_round,
-            "verify": verify * per_round,
-            "overhead": (wall - prefill - draft - verify) * per_round,
-        },
+        "k_histogram": k_hist,
+        "mean_k": sum(proposed) / len(proposed) if proposed else 0.0,
+        "time_ms_per_round": {name: s * per_round for name, s in split.items()},
+        "time_share": {name: s / decode_s if decode_s else 0.0 for name, s in split.items()},
         "prefill_s": round(prefill, 4),
     }
 

@@ -16,6 +16,23 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Printable lines: speed, and where a decode round's time goes (ms and share) per variant."""
+    lines = [
+        f"{'variant':14s} {'AL':>5s} {'tok/s':>6s} {'speedup':>7s} | per round: "
+        f"{'draft ms':>13s} {'verify ms':>13s} {'overhead ms':>13s} | k proposed (0..k)"
+    ]
+    for name, r in rows.items():
+        ms, share = r["time_ms_per_round"], r["time_share"]
+        parts = " ".join(f"{ms[p]:6.1f} ({share[p]:4.0%})" for p in ("draft", "verify", "overhead"))
+        k_hist = "" if name == "target" else f"{r['k_histogram']} mean {r['mean_k']:.2f}"
+        lines.append(
+            f"{name:14s} {r['acceptance_length']:5.2f} {r['tok_per_s']:6.2f} "
+            f"{r['speedup'] or 0:7.3f} | {'':11s}{parts} | {k_hist}"
+        )
+    return lines
+
+
 def write_plot(rows: dict[str, dict[str, Any]], k: int, path: Path) -> None:
     """Left: acceptance rate per draft position; right: share of rounds emitting n tokens."""
     import matplotlib

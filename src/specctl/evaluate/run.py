@@ -8,7 +8,6 @@ per variant to warm up kernels and allocators.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from specctl.console import Progress, log
-from specctl.errors import SpecctlError, UsageError
+from specctl.errors import InputError, SpecctlError, UsageError
 from specctl.evaluate import metrics, report
 from specctl.evaluate.specdec import DecodeResult, speculative_decode, target_decode
 from specctl.evaluate.tree import tree_decode
@@ -31,9 +30,11 @@ class EvalConfig:
     max_prompts: int = 10
     max_new_tokens: int = 128
     k: int = 4
+    adaptive_threshold: float = 0.05  # adaptive k: cut the chain below this confidence; 0 = off
     temperature: float = 0.0
     seed: int = 0
     pad_verify: bool = True
+    verify_shapes: tuple[int, ...] = (5, 8)  # cheap verify q's; measure with bench_decode.py
     prompt_lookup: bool = True  # the n-gram baseline row
     tree: bool = False  # add an EAGLE-2-style tree row (greedy): depth k, topk branching
     tree_topk: int = 3
@@ -51,12 +52,24 @@ class EvalPrompt:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Load, decode every prompt with every variant, write report + plot, return the summary."""
-    if cfg.k < 1:
-        raise UsageError("--k must be at least 1")
+    for flag, value in (("--k", cfg.k), ("--max-prompts", cfg.max_prompts)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if cfg.max_new_tokens < 1 or cfg.temperature < 0:
+        raise UsageError("--max-new-tokens must be at least 1 and --temperature at least 0")
+    if not cfg.verify_shapes or min(cfg.verify_shapes) < 2:
+        raise UsageError("verify_shapes must be query lengths >= 2, e.g. --set verify_shapes=5,8")
+    if not 0.0 <= cfg.adaptive_threshold < 1.0:
+        raise UsageError("--adaptive-threshold must be in [0, 1) (0 = always draft k tokens)")
     if cfg.check_lossless and cfg.temperature > 0:
         raise UsageError("--check-lossless compares greedy outputs: use --temperature 0")
     if cfg.tree and (cfg.temperature > 0 or not cfg.draft):
         raise UsageError("--tree needs --draft and greedy decoding (--temperature 0)")
+    _check_writable(Path(cfg.out))
+    if cfg.draft:  # a wrong --draft fails before the target loads
+        from specctl.export.io import resolve_dir
+
+        resolve_dir(Path(cfg.draft))
     threads = torch.get_num_threads()
     if cfg.threads:  # 1 is much faster for tiny models on a busy box (OpenMP spin-waits)
         torch.set_num_threads(cfg.threads)
@@ -64,6 +77,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         return _run(cfg)
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before minutes of decoding, not when the report is written; create nothing yet."""
+    import os
+
+    parent = out.expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create report directory {out}: {parent} is not writable")
 
 
 def _run(cfg: EvalConfig) -> dict[str, Any]:
@@ -123,6 +147,7 @@ def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos:
             eos_ids=eos,
             temperature=cfg.temperature,
             pad_verify=cfg.pad_verify,
+            verify_shapes=tuple(cfg.verify_shapes),
             gen=gen,
         )
 
@@ -180,18 +205,8 @@ def _write(
     }
     report.write_json(full, json_path)
     report.write_plot(rows, cfg.k, png_path)
-    log(
-        json.dumps(
-            {
-                n: {
-                    "AL": round(r["acceptance_length"], 3),
-                    "tok_s": round(r["tok_per_s"], 2),
-                    "speedup": round(r["speedup"], 3),
-                }
-                for n, r in rows.items()
-            }
-        )
-    )
+    for line in report.table(rows):
+        log(line)
     main = next((n for n in rows if n != "target"), "target")
     return {
         "drafter": main,
@@ -200,6 +215,11 @@ def _write(
         "speedup": rows[main]["speedup"],
         "tok_per_s": {n: r["tok_per_s"] for n, r in rows.items()},
         "speedups": {n: r["speedup"] for n, r in rows.items()},
+        "time_ms_per_round": {
+            n: {part: round(ms, 2) for part, ms in r["time_ms_per_round"].items()}
+            for n, r in rows.items()
+        },
+        "k_histogram": rows[main]["k_histogram"],
         "lossless": (
             None
             if cfg.temperature > 0

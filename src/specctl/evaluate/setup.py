@@ -32,7 +32,7 @@ def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, 
     out: dict[str, Any] = {}
     if cfg.draft:
         draft, aux = load_eagle3(Path(cfg.draft), target)
-        out["eagle3"] = Eagle3Drafter(draft, aux)
+        out["eagle3"] = Eagle3Drafter(draft, aux, adaptive_threshold=cfg.adaptive_threshold)
         if cfg.tree:
             from specctl.evaluate.tree import Eagle3TreeDrafter
 

@@ -10,8 +10,12 @@ caches roll back to the emitted text. Batch size 1.
   accept d with probability min(1, p(d)/q(d)), on rejection sample from norm(max(0, p - q)),
   after k acceptances sample a bonus token from p. The output is distributed as the target's.
 - The verify query is padded to cheap GEMM shapes (`verify_len`: q=5 for k<=4, q=8 for k<=7;
-  q=2,3,7 cost 1.6-2x a decode step on CPU, q=5 only 1.37x). Padding sits after the real
-  positions, so the causal mask keeps it from touching their logits; it is cropped away.
+  q=2,3,7 cost 1.6-2x a decode step on CPU, q=5 only 1.37x; `bench/bench_decode.py` measures
+  the curve on the machine at hand). Padding sits after the real positions, so the causal
+  mask keeps it from touching their logits; it is cropped away. A round proposing nothing
+  (adaptive k, no prompt-lookup match) verifies at q=1, a plain decode step.
+- Time accounting: `draft_s` (propose + advance), `verify_s` (the target forward); the rest
+  of a round (accept, emit, crop) is bookkeeping overhead, reported per round by eval-accept.
 """
 
 from __future__ import annotations
@@ -67,11 +71,18 @@ class DecodeResult:
         return len(self.emitted)
 
 
-def verify_len(n_real: int, pad: bool = True) -> int:
-    """The query length to run for n_real real positions: the next cheap shape (1, 5, 8)."""
+VERIFY_SHAPES = (5, 8)  # cheap verify shapes measured on 2-thread CPU (reference/cpu-costs.md)
+
+
+def verify_len(n_real: int, pad: bool = True, shapes: tuple[int, ...] = VERIFY_SHAPES) -> int:
+    """The query length to run for n_real real positions: the next cheap shape (1, 5, 8).
+
+    `shapes` come from `bench/bench_decode.py`'s verify curve on the machine at hand (with
+    1 thread q=4 can be the cheap one); a round with nothing proposed runs at q=1.
+    """
     if not pad or n_real == 1:
         return n_real
-    for q in (5, 8):
+    for q in sorted(shapes):
         if n_real <= q:
             return q
     return n_real
@@ -113,12 +124,15 @@ def accept_sampled(
     return k, int(torch.multinomial(p[k], 1, generator=gen))
 
 
-def _accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
-    """logits [k+1, V], draft [k]: the longest prefix matching the target argmax, then its token."""
+def _accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, list[int]]:
+    """logits [k+1, V], draft [k] -> (n, the n+1 emitted tokens).
+
+    Greedy accepts exactly the prefix where the draft equals the target argmax, so the emitted
+    tokens are the argmax rows 0..n themselves: one argmax, one .tolist(), no per-token loop.
+    """
     target = logits.argmax(dim=-1)  # [k+1]
-    match = (target[: draft.numel()] == draft).long()
-    n = int(match.cumprod(0).sum())
-    return n, int(target[n])
+    n = int((target[: draft.numel()] == draft).cumprod(0).sum())
+    return n, target[: n + 1].tolist()
 
 
 def speculative_decode(
@@ -131,9 +145,14 @@ def speculative_decode(
     eos_ids: tuple[int, ...] = (),
     temperature: float = 0.0,
     pad_verify: bool = True,
+    verify_shapes: tuple[int, ...] = VERIFY_SHAPES,
     gen: torch.Generator | None = None,
 ) -> DecodeResult:
-    """Decode `max_new_tokens` after `prompt` [T] with draft-then-verify rounds."""
+    """Decode `max_new_tokens` after `prompt` [T] with draft-then-verify rounds.
+
+    A drafter may propose fewer than k tokens (adaptive k, prompt lookup without a match);
+    the verify still runs at the next cheap shape for what was proposed.
+    """
     t0 = time.perf_counter()
     # 1. Prefill the target on the prompt; it emits the first token itself.
     verifier.reset()
@@ -144,26 +163,30 @@ def speculative_decode(
     t = time.perf_counter()
     drafter.start(prompt, aux, out[0])  # the draft prefills on (x_{t+1}, g_t) pairs
     res.draft_s += time.perf_counter() - t
+    q_max = verify_len(k + 1, pad_verify, verify_shapes)
+    ids_buf = torch.empty(q_max, dtype=torch.long)  # [q_max], refilled every round
     while len(out) < max_new_tokens and out[-1] not in eos_ids:
         # 2. Draft up to k tokens (never past max_new_tokens: the last round would waste them).
         t = time.perf_counter()
         prop = drafter.propose(min(k, max_new_tokens - len(out)), temperature, gen)
-        draft = prop.tokens  # [k']
+        draft = prop.tokens  # [k'], k' <= k
         res.draft_s += time.perf_counter() - t
-        # 3. Verify: ONE target forward over [last, d_1..d_k', pad...] -> logits [q, V].
+        # 3. Verify: ONE target forward over [last, d_1..d_k', last...] -> logits [q, V].
         t = time.perf_counter()
-        real = torch.cat([torch.tensor([out[-1]]), draft])  # [k'+1]
-        q_len = verify_len(real.numel(), pad_verify)
-        ids = torch.cat([real, real[-1:].expand(q_len - real.numel())])  # [q]
-        logits, aux = verifier.forward(ids, aux=drafter.needs_aux)  # [q, V], [q, k*H]
+        n_real = draft.numel() + 1
+        q_len = verify_len(n_real, pad_verify, verify_shapes)
+        ids_buf[0] = out[-1]
+        ids_buf[1:n_real] = draft
+        ids_buf[n_real:q_len] = ids_buf[n_real - 1]  # padding: causal tail, never read
+        logits, aux = verifier.forward(ids_buf[:q_len], aux=drafter.needs_aux)  # [q, V], [q, kH]
         res.verify_s += time.perf_counter() - t
         # 4. Accept the longest valid prefix n, plus one token from the target.
-        logits = logits[: real.numel()]  # [k'+1, V]: padding rows are never read
+        logits = logits[:n_real]  # [k'+1, V]: padding rows are never read
         if temperature <= 0:
-            n, nxt = _accept_greedy(logits, draft)
+            n, new = _accept_greedy(logits, draft)  # n+1 tokens
         else:
             n, nxt = accept_sampled(_probs(logits, temperature), prop.probs, draft, gen)
-        new = [*draft[:n].tolist(), nxt]  # n+1 tokens
+            new = [*draft[:n].tolist(), nxt]
         # 5. Emit, stopping at the token budget or an EOS.
         new = new[: max_new_tokens - len(out)]
         stop = next((j for j, tok in enumerate(new) if tok in eos_ids), len(new) - 1)
@@ -171,7 +194,7 @@ def speculative_decode(
         out.extend(new)
         res.emitted.append(len(new))
         res.accepted.append(n)
-        res.proposed.append(draft.numel())
+        res.proposed.append(n_real - 1)
         if len(out) >= max_new_tokens or out[-1] in eos_ids:
             break
         # 6. Roll back: the target keeps [last, d_1..d_n]; the draft re-reads them with target states.

@@ -1,0 +1,211 @@
+"""Where a speculative round's time goes on this CPU, as ratios of a plain decode step.
+
+On SmolLM2-135M (`smollm2-135m`) in ONE run:
+
+- `verify_cost`: one target forward of q new tokens on a ~300-token cache, q = 1..8, each
+  relative to q=1 (a plain decode step). Justifies padding verify to q = 5 / 8 on this machine.
+- `round`: per-round draft / verify / overhead (bookkeeping: accept, crop, emit) ms and
+  their ratio to the plain decode step, for a random 8k-vocab EAGLE-3 draft (optionally
+  with adaptive k) and for prompt lookup; the target alone gives the step.
+
+Variants are interleaved per prompt in rotating order; medians of per-call times are kept.
+On an oversubscribed box (1-min load > cores) torch runs with 1 thread (OpenMP spin-waits
+otherwise dominate); the row says which. Compare ratios, never absolute times across runs.
+
+    .venv/bin/python bench/bench_decode.py [--quick] [--threads N] [--draft DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _threads(requested: int | None) -> int:
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] > cores else min(cores, 2)
+
+
+def random_draft(target: Any, draft_vocab: int = 8192, seed: int = 0) -> Any:
+    """A random EAGLE-3 draft shaped after `target`, head rows from the target (realistic scale)."""
+    from specctl.draft.eagle3 import Eagle3Config, Eagle3Draft
+    from specctl.draft.vocab import build_mapping
+
+    cfg = Eagle3Config.from_target_config(target.config, draft_vocab_size=draft_vocab)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(cfg)
+    counts = torch.randint(
+        0, 1000, (cfg.vocab_size,), generator=torch.Generator().manual_seed(seed)
+    )
+    m = build_mapping(counts, draft_vocab)
+    draft.set_vocab(m.d2t, m.t2d)
+    embed = target.get_input_embeddings().weight.detach()
+    draft.init_from_target(embed, target.get_output_embeddings().weight.detach())
+    return draft.eval()
+
+
+def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
+    """Median ms of a q-token forward (q = 1..8) on `context`'s cache, shuffled, rel. to q=1."""
+    verifier.reset()
+    verifier.forward(context)
+    n0 = verifier.length
+    times: dict[int, list[float]] = {q: [] for q in range(1, 9)}
+    order = [q for _ in range(reps) for q in range(1, 9)]
+    random.Random(0).shuffle(order)
+    ids = torch.randint(0, 1000, (8,))
+    for q in order:
+        t = time.perf_counter()
+        logits, _ = verifier.forward(ids[:q], aux=True)
+        logits.argmax(-1)
+        times[q].append(time.perf_counter() - t)
+        verifier.crop(verifier.length - n0)
+    med = {q: statistics.median(ts) * 1e3 for q, ts in times.items()}
+    # the cheapest q >= n for every n real positions: the shapes worth padding to here
+    shapes = sorted({min(range(n, 9), key=med.__getitem__) for n in range(2, 9)})
+    return [
+        *(
+            {"bench": "verify_cost", "q": q, "ms": round(ms, 2), "ratio": round(ms / med[1], 3)}
+            for q, ms in med.items()
+        ),
+        {"bench": "verify_shapes", "shapes": shapes, "threads": torch.get_num_threads()},
+    ]
+
+
+def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[str, Any]:
+    from specctl.evaluate.drafters import Eagle3Drafter, PromptLookupDrafter
+
+    out: dict[str, Any] = {}
+    draft = random_draft(target)
+    for thr in args.thresholds:
+        name = "eagle3-random-8k" + (f"-adaptive{thr:g}" if thr else "")
+        out[name] = Eagle3Drafter(draft, **({"adaptive_threshold": thr} if thr else {}))
+    if args.draft:
+        from pathlib import Path
+
+        from specctl.evaluate.setup import load_eagle3
+
+        trained, aux = load_eagle3(Path(args.draft), target)
+        for thr in args.thresholds:
+            out["eagle3" + (f"-adaptive{thr:g}" if thr else "")] = Eagle3Drafter(
+                trained, aux, adaptive_threshold=thr
+            )
+    out["prompt-lookup"] = PromptLookupDrafter()
+    return out
+
+
+def round_split(args: argparse.Namespace) -> list[dict]:
+    """Decode prompts with every variant (rotating order); per-round split as step ratios."""
+    from specctl.evaluate import setup
+    from specctl.evaluate.specdec import speculative_decode, target_decode
+    from specctl.evaluate.verifier import Verifier
+
+    target, tok, model_path = setup.load_target("smollm2-135m")
+    drafters = _variants(args, target, model_path)
+    verifier = Verifier(target)
+    prompts = [p.ids for p in setup.load_eval_prompts("mtbench", tok, args.prompts)]
+    rows = verify_curve(verifier, torch.cat(prompts)[:300], args.reps)
+    names = ["target", *drafters]
+    res: dict[str, list[Any]] = {n: [] for n in names}
+
+    def decode(name: str, ids: torch.Tensor, new: int) -> Any:
+        if name == "target":
+            return target_decode(verifier, ids, max_new_tokens=new)
+        return speculative_decode(verifier, drafters[name], ids, k=args.k, max_new_tokens=new)
+
+    for n in names:  # warm-up
+        decode(n, prompts[0], 4)
+    for i, p in enumerate(prompts):
+        for n in names[i % len(names) :] + names[: i % len(names)]:
+            res[n].append(decode(n, p, args.new_tokens))
+    tr = res["target"]
+    step = sum(r.verify_s for r in tr) / sum(r.rounds for r in tr) * 1e3
+    tgt_tok_s = sum(len(r.tokens) for r in tr) / sum(r.total_s for r in tr)
+    for n in names:
+        rs = res[n]
+        rounds = sum(r.rounds for r in rs)
+        draft = sum(r.draft_s for r in rs) / rounds * 1e3
+        verify = sum(r.verify_s for r in rs) / rounds * 1e3
+        wall = sum(r.total_s - r.prefill_s for r in rs) / rounds * 1e3
+        ovh = wall - draft - verify
+        k_hist = [0] * (args.k + 1)
+        for r in rs:
+            for p in r.proposed:
+                k_hist[p] += 1
+        tok_s = sum(len(r.tokens) for r in rs) / sum(r.total_s for r in rs)
+        rows.append(
+            {
+                "bench": "round",
+                "variant": n,
+                "threads": torch.get_num_threads(),
+                "step_ms": round(step, 2),
+                "rounds": rounds,
+                "AL": round(sum(sum(r.emitted) for r in rs) / rounds, 3),
+                "draft_ms": round(draft, 2),
+                "verify_ms": round(verify, 2),
+                "overhead_ms": round(ovh, 3),
+                "draft_ratio": round(draft / step, 3),
+                "verify_ratio": round(verify / step, 3),
+                "overhead_ratio": round(ovh / step, 4),
+                "round_ratio": round(wall / step, 3),
+                "k_hist": k_hist,
+                "ratio": round(tok_s / tgt_tok_s, 3),  # speed-up vs the target, same run
+            }
+        )
+    verifier.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="3 prompts x 24 tokens, 5 reps")
+    ap.add_argument("--threads", type=int, default=None, help="default: 1 if oversubscribed")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--draft", default=None, help="also a trained draft dir (checkpoint/export)")
+    ap.add_argument(
+        "--thresholds", type=float, nargs="*", default=[0.0, 0.1], help="adaptive-k thresholds"
+    )
+    ap.add_argument("--prompts", dest="n_prompts", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    args = ap.parse_args(argv)
+    args.prompts, args.new_tokens, args.reps = (3, 24, 5) if args.quick else (8, 64, 20)
+    args.prompts = args.n_prompts or args.prompts
+    args.new_tokens = args.max_new_tokens or args.new_tokens
+    before = torch.get_num_threads()
+    torch.set_num_threads(_threads(args.threads))
+    try:
+        rows = round_split(args)
+    finally:
+        torch.set_num_threads(before)
+    load = os.getloadavg()[0]
+    for r in rows:
+        if r["bench"] == "verify_cost":
+            print(f"verify q={r['q']}: {r['ms']:7.2f} ms  {r['ratio']:.3f}x step")
+        if r["bench"] == "verify_shapes":
+            print(f"cheapest verify shapes here: {r['shapes']} (specctl pads to 5, 8 by default)")
+    print(f"(load {load:.1f} on {os.cpu_count()} cores; threads {rows[-1]['threads']})")
+    hdr = (
+        "variant                        AL   draft  verify  overhead  round  k-hist        speedup"
+    )
+    print(hdr)
+    for r in rows:
+        if r["bench"] == "round":
+            print(
+                f"{r['variant']:28s} {r['AL']:5.2f}  {r['draft_ratio']:.3f}  {r['verify_ratio']:.3f}"
+                f"   {r['overhead_ratio']:.4f}  {r['round_ratio']:.3f}  {r['k_hist']!s:13s} "
+                f"{r['ratio']:.3f}"
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
