@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from specctl.errors import ConfigError
+from specctl.errors import ConfigError, UsageError
 
 T = TypeVar("T")
 
@@ -60,6 +60,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
+    except UsageError as e:  # a dataclass's own range check: keep its message
+        raise ConfigError(e.message, e.hint) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
@@ -175,33 +179,32 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def parse_size(text: str | int) -> int:
-    """'4GiB', '512MiB', '1.5GB', '1000' -> bytes."""
+    """'4GiB', '512MiB', '1.5GB', '1G', '1000' -> a positive byte count."""
     if isinstance(text, int):
         return text
-    s = text.strip().replace("_", "")
     units = {
-        "kib": 2**10,
-        "mib": 2**20,
-        "gib": 2**30,
-        "tib": 2**40,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "tb": 10**12,
-        "k": 2**10,
-        "m": 2**20,
-        "g": 2**30,
+        "": 1,
         "b": 1,
+        "k": 1 << 10,
+        "kb": 10**3,
+        "kib": 1 << 10,
+        "m": 1 << 20,
+        "mb": 10**6,
+        "mib": 1 << 20,
+        "g": 1 << 30,
+        "gb": 10**9,
+        "gib": 1 << 30,
+        "t": 1 << 40,
+        "tb": 10**12,
+        "tib": 1 << 40,
     }
-    lower = s.lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if lower.endswith(unit):
-            number = lower[: -len(unit)].strip()
-            try:
-                return int(float(number) * units[unit])
-            except ValueError:
-                break
+    s = text.strip().lower().replace(" ", "").replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
     try:
-        return int(s)
-    except ValueError:
-        raise ConfigError(f"bad size {text!r}", "use e.g. 4GiB, 512MiB or a byte count") from None
+        value = int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"bad size {text!r}", hint="e.g. 4GiB, 512MiB or a byte count") from None
+    if value <= 0:
+        raise ConfigError(f"size must be positive, got {text!r}")
+    return value

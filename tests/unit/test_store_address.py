@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from specctl.config import parse_size
 from specctl.errors import StoreError, StoreUnavailable, UsageError
 from specctl.store import address, objects
-from specctl.store.server import parse_size
 
 pytestmark = pytest.mark.unit
 

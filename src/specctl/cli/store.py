@@ -48,13 +48,14 @@ def up(
 
     Example: `export SPECCTL_STORE=$(specctl store up --detach | jq -r .address)`
     """
+    from specctl.config import parse_size
     from specctl.console import emit_summary, log
     from specctl.store import daemon, server
 
     cfg = server.ServerConfig(
         host=host,
         port=port,
-        capacity=server.parse_size(capacity),
+        capacity=parse_size(capacity),
         lease_ttl_s=lease_ttl,
         allow_remote=allow_remote,
         state_dir=state_dir or server.default_state_dir(),
@@ -89,7 +90,10 @@ def up(
 
 @command.command()
 def status(store: StoreOpt = None, state_dir: StateDirOpt = None) -> None:
-    """Records and bytes in flight, producers and trainers seen, put/get rates (JSON + table)."""
+    """Records and bytes in flight, producers and trainers seen, put/get rates (JSON + table).
+
+    Example: `specctl store status --store 127.0.0.1:29500`
+    """
     from specctl.console import emit_summary, err
     from specctl.store import daemon, server
     from specctl.store import status as st
@@ -106,7 +110,10 @@ def status(store: StoreOpt = None, state_dir: StateDirOpt = None) -> None:
 
 @command.command()
 def down(store: StoreOpt = None, state_dir: StateDirOpt = None) -> None:
-    """Stop the store cleanly (master, control plane, segment); no orphan processes."""
+    """Stop the store cleanly (master, control plane, segment); no orphan processes.
+
+    Example: `specctl store down` (the one store started from this machine's state dir)
+    """
     from specctl.console import emit_summary, log
     from specctl.store import daemon, server
 

@@ -125,10 +125,39 @@ class Control:
 
     @classmethod
     def connect(cls, host: str, port: int, timeout_s: float) -> Control:
+        """Connect as a client, failing within ~timeout_s even if the peer never answers.
+
+        TCPStore's client handshake blocks in recv() with no timeout when something accepts
+        the TCP connection but does not speak the TCPStore protocol (a wrong address), so
+        the connect runs in a daemon thread that we abandon on timeout.
+        """
+        import threading
+
         import torch.distributed as dist
 
         t = timedelta(seconds=max(timeout_s, 1.0))
-        return cls(dist.TCPStore(host, port, None, False, t, wait_for_workers=False))
+        result: list[Any] = []
+
+        def attempt() -> None:
+            try:
+                result.append(dist.TCPStore(host, port, None, False, t, wait_for_workers=False))
+            except Exception as e:  # surfaced below as a one-line StoreUnavailable
+                result.append(e)
+
+        th = threading.Thread(target=attempt, name="tcpstore-connect", daemon=True)
+        th.start()
+        th.join(max(timeout_s, 1.0) + 1.0)
+        if not result:
+            raise StoreUnavailable(
+                f"{host}:{port} accepted the connection but never answered as a specctl store",
+                hint="check the address printed by `specctl store up`",
+            )
+        if isinstance(result[0], Exception):
+            raise StoreUnavailable(
+                f"cannot reach the store control plane at {host}:{port}: "
+                f"{str(result[0]).splitlines()[0]}"
+            )
+        return cls(result[0])
 
     @classmethod
     def host(cls, listener: socket.socket) -> Control:

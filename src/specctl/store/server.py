@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from specctl.console import log
-from specctl.errors import StoreError, UsageError
+from specctl.errors import InputError, StoreError, UsageError
 from specctl.store import control as keys
 from specctl.store import master as mc
 from specctl.store.address import bind_listener, is_loopback
@@ -48,41 +48,22 @@ class ServerConfig:
     state_dir: Path = field(default_factory=lambda: default_state_dir())
     allow_remote: bool = False
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be 0-65535, got {self.port}")
+        if self.lease_ttl_s <= 0:
+            raise UsageError(f"--lease-ttl must be positive, got {self.lease_ttl_s}")
+        for parent in (self.state_dir, *self.state_dir.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError(f"--state-dir {self.state_dir}: {parent} is not a directory")
+                break
+
 
 def default_state_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "specctl" if runtime else Path.home() / ".cache" / "specctl"
     return base / "store"
-
-
-def parse_size(text: str) -> int:
-    """'4GiB', '512MiB', '1G', '1000000' -> bytes."""
-    units = {
-        "": 1,
-        "b": 1,
-        "k": 1 << 10,
-        "kb": 10**3,
-        "kib": 1 << 10,
-        "m": 1 << 20,
-        "mb": 10**6,
-        "mib": 1 << 20,
-        "g": 1 << 30,
-        "gb": 10**9,
-        "gib": 1 << 30,
-        "t": 1 << 40,
-        "tb": 10**12,
-        "tib": 1 << 40,
-    }
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :]
-    try:
-        value = int(float(num) * units[unit])
-    except (ValueError, KeyError):
-        raise UsageError(f"bad size {text!r}", hint="e.g. 4GiB, 512MiB") from None
-    if value <= 0:
-        raise UsageError(f"size must be positive, got {text!r}")
-    return value
 
 
 class Server:

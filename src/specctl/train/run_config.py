@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from specctl.errors import UsageError
+
 
 @dataclass
 class DraftOptions:
@@ -50,3 +52,28 @@ class TrainDraftConfig:
     resume: bool = False
     draft: DraftOptions = field(default_factory=DraftOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "ttt_length",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "epochs",
+            "eval_every",
+            "save_every",
+            "log_every",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 <= self.heldout < 1:
+            raise UsageError(f"heldout must be in [0, 1), got {self.heldout}")
+        if self.max_wait_s < 0:
+            raise UsageError(f"max-wait must be >= 0, got {self.max_wait_s}")
+        if self.draft.draft_vocab_size < 1:
+            raise UsageError(
+                f"draft-vocab-size must be at least 1, got {self.draft.draft_vocab_size}"
+            )
+        if self.optim.lr <= 0:
+            raise UsageError(f"lr must be positive, got {self.optim.lr}")
