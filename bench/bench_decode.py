@@ -105,7 +105,7 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
 
 def round_split(args: argparse.Namespace) -> list[dict]:
     """Decode prompts with every variant (rotating order); per-round split as step ratios."""
-    from specctl.evaluate import setup
+    from specctl.evaluate import metrics, setup
     from specctl.evaluate.specdec import speculative_decode, target_decode
     from specctl.evaluate.verifier import Verifier
 
@@ -127,29 +127,20 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     for i, p in enumerate(prompts):
         for n in names[i % len(names) :] + names[: i % len(names)]:
             res[n].append(decode(n, p, args.new_tokens))
-    tr = res["target"]
-    step = sum(r.verify_s for r in tr) / sum(r.rounds for r in tr) * 1e3
-    tgt_tok_s = sum(len(r.tokens) for r in tr) / sum(r.total_s for r in tr)
+    summaries = {n: metrics.summarize(res[n], args.k) for n in names}
+    step = summaries["target"]["time_ms_per_round"]["verify"]
     for n in names:
-        rs = res[n]
-        rounds = sum(r.rounds for r in rs)
-        draft = sum(r.draft_s for r in rs) / rounds * 1e3
-        verify = sum(r.verify_s for r in rs) / rounds * 1e3
-        wall = sum(r.total_s - r.prefill_s for r in rs) / rounds * 1e3
-        ovh = wall - draft - verify
-        k_hist = [0] * (args.k + 1)
-        for r in rs:
-            for p in r.proposed:
-                k_hist[p] += 1
-        tok_s = sum(len(r.tokens) for r in rs) / sum(r.total_s for r in rs)
+        s = summaries[n]
+        draft, verify, ovh = (s["time_ms_per_round"][x] for x in ("draft", "verify", "overhead"))
+        wall = draft + verify + ovh
         rows.append(
             {
                 "bench": "round",
                 "variant": n,
                 "threads": torch.get_num_threads(),
                 "step_ms": round(step, 2),
-                "rounds": rounds,
-                "AL": round(sum(sum(r.emitted) for r in rs) / rounds, 3),
+                "rounds": s["rounds"],
+                "AL": round(s["acceptance_length"], 3),
                 "draft_ms": round(draft, 2),
                 "verify_ms": round(verify, 2),
                 "overhead_ms": round(ovh, 3),
@@ -157,8 +148,9 @@ def round_split(args: argparse.Namespace) -> list[dict]:
                 "verify_ratio": round(verify / step, 3),
                 "overhead_ratio": round(ovh / step, 4),
                 "round_ratio": round(wall / step, 3),
-                "k_hist": k_hist,
-                "ratio": round(tok_s / tgt_tok_s, 3),  # speed-up vs the target, same run
+                "k_hist": s["k_histogram"],
+                # speed-up vs the target, same run
+                "ratio": round(s["tok_per_s"] / summaries["target"]["tok_per_s"], 3),
             }
         )
     verifier.close()

@@ -1,8 +1,8 @@
 """Producer throughput on SmolLM2-135M (CPU fp32): specctl's loop vs a naive one, same run.
 
 - `specctl`: the real `serve-target` loop (`target.producer._loop`): token-budget batches,
-  forward hooks on 3 aux layers + the final norm, pack into a reused buffer; the sink keeps
-  records in memory so the figure is the producer's own, not a store's.
+  forward hooks on 3 aux layers + the final norm, pack into a reused buffer; the sink drops
+  the records (no store, no disk) so the figure is the producer's own, not a store's.
 - `naive` (the baseline, ratio 1.0): one sample at a time with `output_hidden_states=True`
   (all 31 states materialised), `torch.cat` of the aux states, a fresh pack buffer each time.
 - `--full` adds generation (regeneration's cost): batched seeded sampling vs batch 1.
@@ -23,40 +23,25 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class MemorySink:
-    """The producer's sink contract, in memory: sequential seqs, one reused buffer."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.next, self.bytes = limit, 0, 0
-        self._buf = torch.empty(0, dtype=torch.uint8)
-
-    def lease(self, n: int) -> list[int] | None:
-        seqs = list(range(self.next, min(self.next + n, self.limit)))
-        self.next += len(seqs)
-        return seqs or None
-
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buf[:nbytes]
-
-    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
-        self.bytes += buf.numel()
-        return True
-
-    def done(self, seq: int) -> None:
-        pass
-
-    def inflight_bytes(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-
 def _specctl(engine, prompts, n: int) -> dict:
     from specctl.console import Progress
     from specctl.target.producer import ServeTargetConfig, Totals, _loop
+    from specctl.target.sinks import LocalSink
+
+    class MemorySink(LocalSink):
+        """The producer's sink contract, in memory: sequential seqs, records dropped."""
+
+        def __init__(self, limit: int) -> None:
+            super().__init__()
+            self.limit, self.next = limit, 0
+
+        def lease(self, n: int) -> list[int] | None:
+            seqs = list(range(self.next, min(self.next + n, self.limit)))
+            self.next += len(seqs)
+            return seqs or None
+
+        def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
+            return True
 
     cfg = ServeTargetConfig(lease_size=8)
     totals = Totals()

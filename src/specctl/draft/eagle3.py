@@ -310,11 +310,15 @@ class DraftCache:
         kb[:, :, start : start + n] = k
         vb[:, :, start : start + n] = v
         keys, values = kb[:, :, : start + n], vb[:, :, : start + n]
-        mask = None
-        if n > 1:  # query i (absolute start+i) sees keys 0..start+i
-            pos_q = torch.arange(start, start + n, device=q.device)[:, None]
-            mask = torch.arange(start + n, device=q.device)[None, :] <= pos_q  # [n, start+n]
+        mask = self._mask(start, n, q.device)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _mask(self, start: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """[n, start+n] bool: the keys each new query sees (None: one query sees all)."""
+        if n <= 1:
+            return None
+        pos_q = torch.arange(start, start + n, device=device)[:, None]  # query i is at start+i
+        return torch.arange(start + n, device=device)[None, :] <= pos_q
 
     def _reserve(
         self, layer: int, like: torch.Tensor, need: int

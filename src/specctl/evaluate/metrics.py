@@ -17,11 +17,16 @@ from typing import Any
 from specctl.evaluate.specdec import DecodeResult
 
 
+def acceptance_length(results: list[DecodeResult]) -> float:
+    """Tokens emitted per target verify round (0 when no round ran)."""
+    rounds = sum(r.rounds for r in results)
+    return sum(sum(r.emitted) for r in results) / rounds if rounds else 0.0
+
+
 def summarize(results: list[DecodeResult], k: int) -> dict[str, Any]:
     tokens = sum(len(r.tokens) for r in results)
     wall = sum(r.total_s for r in results)
     rounds = sum(r.rounds for r in results)
-    emitted = sum(sum(r.emitted) for r in results)
     accepted = [a for r in results for a in r.accepted]
     proposed = [p for r in results for p in r.proposed]
     reached = [sum(p > j for p in proposed) for j in range(k)]
@@ -45,7 +50,7 @@ def summarize(results: list[DecodeResult], k: int) -> dict[str, Any]:
         "wall_s": round(wall, 4),
         "tok_per_s": tokens / wall if wall else 0.0,
         "rounds": rounds,
-        "acceptance_length": emitted / rounds if rounds else 0.0,
+        "acceptance_length": acceptance_length(results),
         "accept_rate": [g / n if n else None for g, n in zip(got, reached, strict=True)],
         "accept_rate_cond": [
             g / prev if prev else None for g, prev in zip(got, [reached[0], *got[:-1]], strict=True)

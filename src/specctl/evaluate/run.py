@@ -81,12 +81,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def _check_writable(out: Path) -> None:
     """Fail before minutes of decoding, not when the report is written; create nothing yet."""
-    import os
+    from specctl.paths import unwritable_ancestor
 
-    parent = out.expanduser().absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if (parent := unwritable_ancestor(out)) is not None:
         raise InputError(f"cannot create report directory {out}: {parent} is not writable")
 
 
@@ -107,7 +104,7 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
         for i, p in enumerate(prompts):  # rotating order: load hits every variant alike
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 results[name].append(decode(name, p.ids, cfg.max_new_tokens))
-            prog.update(1, **{f"AL_{n}": _al(results[n]) for n in drafters})
+            prog.update(1, **{f"AL_{n}": metrics.acceptance_length(results[n]) for n in drafters})
     verifier.close()
     mismatches = _lossless(cfg, results, drafters)
     rows = {n: metrics.summarize(results[n], cfg.k) for n in names}
@@ -152,11 +149,6 @@ def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos:
         )
 
     return decode
-
-
-def _al(rs: list[DecodeResult]) -> float:
-    rounds = sum(r.rounds for r in rs)
-    return sum(sum(r.emitted) for r in rs) / rounds if rounds else 0.0
 
 
 def _lossless(

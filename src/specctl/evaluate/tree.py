@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from specctl.draft.eagle3 import DraftCache
 from specctl.evaluate.drafters import Eagle3Drafter
@@ -54,16 +53,8 @@ class _MaskedCache(DraftCache):
 
     mask: torch.Tensor | None = None
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            return super().attend(layer, q, k, v)
-        start, n = self.length, q.shape[2]
-        kb, vb = self._reserve(layer, k, start + n)
-        kb[:, :, start : start + n] = k
-        vb[:, :, start : start + n] = v
-        return F.scaled_dot_product_attention(
-            q, kb[:, :, : start + n], vb[:, :, : start + n], attn_mask=self.mask, enable_gqa=True
-        )
+    def _mask(self, start: int, n: int, device: torch.device) -> torch.Tensor | None:
+        return super()._mask(start, n, device) if self.mask is None else self.mask
 
 
 class Eagle3TreeDrafter(Eagle3Drafter):

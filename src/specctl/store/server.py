@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +198,3 @@ def read_states(state_dir: Path) -> list[dict[str, Any]]:
         else:
             path.unlink(missing_ok=True)
     return out
-
-
-def config_dict(cfg: ServerConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["state_dir"] = str(cfg.state_dir)
-    return d

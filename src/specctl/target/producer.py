@@ -57,8 +57,8 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
     from specctl.target import data, models
     from specctl.target.engines import build_engine
 
-    # 1. validate everything before writing to the store (probe it first: a dead store should
-    #    fail in seconds, not after loading a large model)
+    # 1. validate everything before writing to the store (probe it first, handshake included:
+    #    a dead store or a silent listener should fail in seconds, not after loading a model)
     if cfg.dtype not in ("bf16", "fp32"):
         raise UsageError(f"--dtype must be bf16 or fp32, not {cfg.dtype!r}")
     if cfg.data is None and cfg.self_prompts <= 0:
@@ -68,9 +68,11 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         _check_writable(cfg.to_dir)
     else:
         from specctl.store.address import parse, require
+        from specctl.store.control import Control
 
         addr = parse(store)
         require(addr.host, addr.port, 5.0, "specctl store")
+        Control.connect(addr.host, addr.port, 5.0)  # dropped at once; the sink connects later
     model_path = models.resolve_model(cfg.model)
     if cfg.threads:
         import torch
@@ -143,12 +145,9 @@ def _check_ranges(cfg: ServeTargetConfig) -> None:
 
 def _check_writable(folder: Path) -> None:
     """Fail before loading the model, without creating anything yet."""
-    import os
+    from specctl.paths import unwritable_ancestor
 
-    parent = folder.expanduser().absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if (parent := unwritable_ancestor(folder)) is not None:
         raise InputError(f"cannot write records under --to-dir {folder}: {parent} is not writable")
 
 

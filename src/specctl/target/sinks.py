@@ -14,12 +14,12 @@ and each file is written as `.tmp` then renamed, so a reader never sees half a r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from specctl.paths import write_atomic
 from specctl.target.engines import Engine
 
 
@@ -58,13 +58,34 @@ class StoreSink:
         self.client.close()  # unfinished seqs go back to the pool
 
 
-class DirSink:
+class LocalSink:
+    """The parts of a one-producer sink with nothing in flight: a reused pack buffer, no-op acks."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes]
+
+    def done(self, seq: int) -> None:
+        pass
+
+    def inflight_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class DirSink(LocalSink):
     def __init__(self, folder: Path, num_prompts: int, limit: int, meta: dict[str, Any]) -> None:
+        super().__init__()
         self.folder = folder
         self.num_prompts = num_prompts
         self.limit = limit
         self.next_seq = 0
-        self._buf = torch.empty(0, dtype=torch.uint8)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -85,27 +106,9 @@ class DirSink:
             self.next_seq += 1
         return seqs or None
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buf[:nbytes]
-
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
-        final = self.path(epoch, index)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(buf.numpy().data)
-        os.replace(tmp, final)
+        write_atomic(self.path(epoch, index), buf.numpy().data)
         return True
-
-    def done(self, seq: int) -> None:
-        pass
-
-    def inflight_bytes(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def _claim_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -120,6 +123,4 @@ def _claim_meta(path: Path, meta: dict[str, Any]) -> None:
                 "use an empty --to-dir",
             )
         return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(meta, sort_keys=True) + "\n").encode())

@@ -28,7 +28,7 @@ from specctl.train.checkpoint import (
 )
 from specctl.train.data import Batch, Prefetcher
 from specctl.train.metrics import MetricsLog
-from specctl.train.objective import simulated_al, step_counts
+from specctl.train.objective import TTTResult, simulated_al, step_counts
 from specctl.train.run_config import TrainDraftConfig
 from specctl.train.setup import (
     TTTModel,
@@ -262,9 +262,7 @@ def _train_step(
         model.set_requires_gradient_sync(m == n_micro - 1)  # type: ignore[operator]
         r = as_result(model(*_to(b, env.device), denom))
         (r.loss * env.world).backward()  # FSDP averages over ranks; we want the sum
-        sums += torch.stack(
-            [r.loss_sum.float(), r.hits, r.count.to(env.device), r.valid.to(env.device)]
-        )
+        sums += _sums(r, env.device)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
     )
@@ -281,19 +279,25 @@ def _train_step(
     state.step += 1
     state.samples += int(samples.item())
     state.tokens += int(tokens.item())
-    return _step_metrics(sums, grad_norm)
+    return _step_metrics(sums, grad_norm, cfg.step_decay)
 
 
 def _masked(b: Batch) -> Batch:
     return Batch(b.input_ids, torch.zeros_like(b.loss_mask), b.aux, b.last_hidden, [], [])
 
 
-def _step_metrics(sums: torch.Tensor, grad_norm: Any) -> dict[str, float]:
+def _sums(r: TTTResult, device: torch.device) -> torch.Tensor:
+    """One forward's per-step [4, k] rows: loss_sum, hits, count, valid."""
+    return torch.stack([r.loss_sum.float(), r.hits, r.count.to(device), r.valid.to(device)])
+
+
+def _step_metrics(sums: torch.Tensor, grad_norm: Any, decay: float) -> dict[str, float]:
+    """`loss` weighs the steps as the objective does (decay^k), so it is the trained loss."""
     loss_sum, hits, count, valid = (s.cpu() for s in sums)
     count = count.clamp(min=1)
     acc = (hits / count).tolist()
     losses = (loss_sum / count).tolist()
-    weights = [0.8**i for i in range(len(acc))]
+    weights = [decay**i for i in range(len(acc))]
     gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     m = {
         "loss": sum(w * x for w, x in zip(weights, losses, strict=True)),
@@ -315,11 +319,8 @@ def evaluate(
     sums = torch.zeros(4, k, device=env.device)
     for b in batches:
         denom = step_counts(b.loss_mask, k).long().to(env.device)
-        r = as_result(model(*_to(b, env.device), denom))
-        sums += torch.stack(
-            [r.loss_sum.float(), r.hits, r.count.to(env.device), r.valid.to(env.device)]
-        )
-    m = _step_metrics(sums, torch.tensor(0.0))
+        sums += _sums(as_result(model(*_to(b, env.device), denom)), env.device)
+    m = _step_metrics(sums, torch.tensor(0.0), cfg.step_decay)
     m.pop("grad_norm")
     return m
 

@@ -24,6 +24,7 @@ from specctl.train.data import (
     Batch,
     DirSource,
     Prefetcher,
+    SampleId,
     check_record,
     collate,
     is_heldout,
@@ -41,6 +42,11 @@ def open_source(
     if cfg.from_dir:
         return DirStream(cfg, env, dcfg, state)
     return StoreStream(cfg, env, dcfg, out, state)
+
+
+def _batches(items: list[tuple[SampleId, Path]], n: int, dims: tuple[int, int]) -> list[Batch]:
+    """Held-out (id, file) items -> batches of `n` (the last one may be short)."""
+    return [load_batch(items[a : a + n], *dims) for a in range(0, len(items), n)]
 
 
 class DirStream:
@@ -76,11 +82,7 @@ class DirStream:
 
     def heldout_batches(self) -> list[Batch]:
         if self._heldout is None:
-            items = self.src.heldout
-            n = self.cfg.batch_size
-            self._heldout = [
-                load_batch(items[a : a + n], *self.dims) for a in range(0, len(items), n)
-            ]
+            self._heldout = _batches(self.src.heldout, self.cfg.batch_size, self.dims)
         return self._heldout
 
     def finish(self, pf: Prefetcher) -> None:
@@ -200,6 +202,7 @@ class StoreStream:
 
     def _keep_heldout(self, got: Any) -> None:
         from specctl.pack import pack_record
+        from specctl.paths import write_atomic
 
         r, d = got.record, got.descriptor
         if len(list(self.heldout_dir.glob("*.rec"))) < self.cfg.max_heldout:
@@ -212,9 +215,7 @@ class StoreStream:
                 last_hidden=r.last_hidden,
                 dtype=r.aux_hidden.dtype,
             )
-            tmp = self.heldout_dir / f".{d.epoch:08d}-{d.index:08d}.tmp"
-            tmp.write_bytes(buf.numpy().tobytes())
-            tmp.rename(self.heldout_dir / f"{d.epoch:08d}-{d.index:08d}.rec")
+            write_atomic(self.heldout_dir / f"{d.epoch:08d}-{d.index:08d}.rec", buf.numpy().data)
         self.client.ack([got])
         with self._lock:
             self._held_new.append((d.epoch, d.index))
@@ -231,10 +232,7 @@ class StoreStream:
         if names != self._held_files:
             self._held_files = names
             items = [((0, 0), self.heldout_dir / n) for n in self._held_files]
-            n = self.cfg.batch_size
-            self._held_batches = [
-                load_batch(items[a : a + n], *self.dims) for a in range(0, len(items), n)
-            ]
+            self._held_batches = _batches(items, self.cfg.batch_size, self.dims)
         return self._held_batches
 
     def finish(self, pf: Prefetcher) -> None:
