@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from specctl.errors import StoreError
 from tests.conftest import REPO, SPECCTL, run_cli
 from tests.goldens.tiny_target import build_tiny_target
 
@@ -89,13 +88,6 @@ def consume(store: str, n: int, producers: list, on_record=None, timeout_s: floa
     return got
 
 
-@pytest.mark.xfail(
-    raises=StoreError,
-    strict=False,
-    reason="store bug (src/specctl/store, not serve-target): when the victim dies inside "
-    "Mooncake put_from, the survivor's re-put of that key returns 0 without writing and the "
-    "consumer gets -703 'replica not ready'; every other outcome is still asserted",
-)
 def test_two_producers_kill_one_every_prompt_exactly_once(tmp_path: Path) -> None:
     from specctl.target.data import load_prompts
     from specctl.target.models import load_tokenizer

@@ -347,6 +347,11 @@ class Client:
             self.ctl.delete(keys.got(*self._sid(seq)))
         self.ctl.push_seqs(back)
         self.ctl.count("requeued", len(back))
+        # a restarted (empty) store has forgotten what was trained: claim those samples as
+        # published and delivered, so producers skip them and no stray copy is trained twice
+        for sid in trained:
+            self.ctl.claim(keys.pub(*sid), f"resume{keys.PUBLISHED}")
+            self.ctl.claim(keys.got(*sid), "resume")
         return len(back)
 
     # ------------------------------------------------------------------ both

@@ -89,7 +89,11 @@ class Objects:
 
         self._store: Any = MooncakeDistributedStore()
         # local_buffer_size=0: we only use the zero-copy *_from/*_into paths.
-        rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, 0, "tcp", "", master)
+        # RDMA (CUDA Mooncake build, recipes/multi-host.md): SPECCTL_STORE_PROTOCOL=rdma and
+        # SPECCTL_STORE_DEVICE=<NIC names, e.g. mlx5_0>; tcp otherwise.
+        protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
+        device = os.environ.get("SPECCTL_STORE_DEVICE", "")
+        rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, 0, protocol, device, master)
         if rc != 0:
             raise StoreError(f"Mooncake setup against master {master} failed [{rc}]")
         self._pin = ReplicateConfig()
