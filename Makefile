@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.specctl-setup
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-vllm demo test test-fast test-engines bench lint clean
+.PHONY: setup setup-vllm demo test test-fast test-engines bench bench-quality lint clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# The demo pipeline with a longer budget (more regenerated samples, more steps, TTT 5, a
+# larger MT-Bench eval). Not yet measured end to end: expect well over an hour on 2 cores.
+bench-quality: setup
+	DEMO_OUT=runs/bench-quality DEMO_SAMPLES=1500 DEMO_NEW_TOKENS=128 DEMO_TTT=5 \
+	DEMO_EVAL_PROMPTS=16 DEMO_EVAL_TOKENS=128 bash recipes/quickstart.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
