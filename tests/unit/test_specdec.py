@@ -14,16 +14,7 @@ from specctl.evaluate.specdec import (
 )
 from specctl.evaluate.verifier import Verifier
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waits under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

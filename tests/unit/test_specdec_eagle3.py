@@ -14,17 +14,9 @@ from specctl.evaluate.drafters import Eagle3Drafter
 from specctl.evaluate.specdec import speculative_decode, target_decode
 from specctl.evaluate.verifier import Verifier
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 V, PROMPT, NEW = 256, 8, 40
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

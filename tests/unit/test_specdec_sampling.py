@@ -8,18 +8,9 @@ import torch
 from specctl.evaluate.specdec import Proposal, accept_sampled, speculative_decode
 from specctl.evaluate.verifier import Verifier
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 V = 6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin-waits under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _first_emitted(p: torch.Tensor, q: torch.Tensor | None, trials: int, seed: int) -> torch.Tensor:
