@@ -64,11 +64,26 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 def main() -> None:
     from rich.markup import escape  # messages may hold brackets (paths, gloo's "[file:line]")
+    from typer._click import exceptions as click_exc  # typer vendors click
 
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        # standalone mode: typer/click print usage errors themselves and exit 2.
-        app()
+        # Not standalone: click's usage errors come back to us, so they print as one
+        # `Error:` line like every other failure instead of a boxed panel.
+        rv = app(standalone_mode=False, prog_name="specctl")
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except click_exc.NoArgsIsHelpError as e:  # `specctl` / `specctl store` alone: the help
+        err.print(e.format_message(), markup=False, highlight=False)
+        sys.exit(2)
+    except click_exc.UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        err.print(f"[bold red]Error:[/] {escape(e.format_message())}{where}", highlight=False)
+        sys.exit(e.exit_code)
+    except click_exc.ClickException as e:
+        err.print(f"[bold red]Error:[/] {escape(e.format_message())}", highlight=False)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     except SpecctlError as e:
         if debug_enabled():
             raise
