@@ -147,10 +147,19 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
 
 
 def stats(addr: str) -> dict[str, Any]:
-    from specctl.store import Client
+    """Control-plane counters only: milliseconds, so polls see the run as it happens (a full
+    Client also sets up Mooncake, ~1 s, in which a tiny-model producer can finish its work)."""
+    from specctl.store import control as keys
+    from specctl.store.address import parse
+    from specctl.store.control import Control
 
-    with Client.connect(addr, role="admin") as c:
-        return c.stats()
+    a = parse(addr)
+    ctl = Control.connect(a.host, a.port, 10.0)
+    return {
+        **ctl.counters(),
+        "queued": ctl.qlen(keys.RECORDS),
+        "inflight_records": ctl.count("inflight_records", 0),
+    }
 
 
 def state(out: Path) -> dict[str, Any]:
@@ -165,6 +174,12 @@ def assert_exactly_once(out: Path, summary: dict[str, Any]) -> set[tuple[int, in
     assert not trained & held
     assert s["samples"] == len(trained) == summary["samples"], "a sample was trained twice"
     return trained
+
+
+def frozen(p: subprocess.Popen[str]) -> None:
+    """SIGSTOP `p` so a drill can kill it at a known point, not whenever the kill lands."""
+    p.send_signal(signal.SIGSTOP)
+    assert p.poll() is None, "it finished before the drill could stop it"
 
 
 def killed(p: subprocess.Popen[str]) -> None:
@@ -182,11 +197,16 @@ def one_error(log: Path) -> str:
 
 def test_kill_producer_mid_run_every_sample_trained_once(model: Path, tmp_path: Path) -> None:
     with store(tmp_path / "st", "--capacity", "128MiB", "--lease-ttl", "2") as addr:
+        # 1. the victim alone until its first put, then frozen mid-lease (lease_size=2: it
+        #    holds the sample after the one it put) with most of the run still to do
         victim = producer(addr, model, tmp_path / "victim.log")
+        wait_for(lambda: stats(addr).get("puts", 0) >= 1, "the victim's first put")
+        frozen(victim)
+        assert stats(addr)["puts"] < N // 2, "the victim did most of the run before it froze"
+        # 2. the survivor starts, then the victim dies; its lease expires (--lease-ttl 2) and
+        #    goes to the survivor; the trainer starts last (a loaded machine may take longer
+        #    than --max-wait to load a producer)
         survivor = producer(addr, model, tmp_path / "survivor.log")
-        # 1. kill the victim once records are flowing (it holds a lease at that point); the
-        #    trainer starts then (a loaded machine may take longer than --max-wait to load)
-        wait_for(lambda: stats(addr).get("puts", 0) >= 4, "the first puts")
         killed(victim)
         tr = trainer(addr, model, tmp_path / "run", tmp_path / "train.log")
         finish(survivor)
@@ -210,6 +230,7 @@ def test_kill_trainer_resume_exactly_once_loss_continues(model: Path, tmp_path: 
             return ckpt.exists() and bool(rows) and rows[-1]["step"] > state(out)["step"]
 
         wait_for(past_checkpoint, "a checkpoint and a step past it")
+        frozen(tr)
         killed(tr)
         step0 = state(out)["step"]
         before = [r["step"] for r in metrics(out)]
