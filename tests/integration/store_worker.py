@@ -118,7 +118,7 @@ def running_store(state_dir: Path, *flags: str) -> Iterator[dict]:
         down = run_cli("store", "down", "--store", state["address"], "--state-dir", str(state_dir))
         assert down.returncode == 0, down.stderr
         assert json.loads(down.stdout)["forced"] == []
-        assert not pid_alive(state["pid"]) and not pid_alive(state["master_pid"])
+        assert not any(pid_alive(state[k]) for k in ("pid", "master_pid", "segment_pid"))
         assert not list(state_dir.glob("store-*.json"))
 
 

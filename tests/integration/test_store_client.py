@@ -11,7 +11,7 @@ import pytest
 from specctl.errors import RecordError, StoreError, StoreUnavailable
 from specctl.store import Client
 from tests.conftest import run_cli
-from tests.integration.store_worker import check_record, make_record, running_store
+from tests.integration.store_worker import check_record, make_record, running_store, tokens
 
 pytestmark = pytest.mark.integration
 PROMPTS = 10
@@ -94,3 +94,37 @@ def test_corrupt_records_come_back_and_resume_requeues_the_untrained(tmp_path: P
         resumed.next_record(timeout_s=1)
     resumed.close()
     assert time.monotonic() - t0 < 20
+
+
+def test_shared_memory_and_tcp_clients_share_one_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")  # same host: shared memory
+        monkeypatch.setenv("SPECCTL_STORE_SHM", "0")  # as a client on another host would
+        cons = Client.connect(st["address"], role="trainer")
+        assert (prod.objects.shm, cons.objects.shm) == (True, False)
+        prod.run_meta("num_prompts", str(PROMPTS))
+        lease = prod.lease_prompts(4, limit=PROMPTS)
+        assert lease is not None
+        # 1. shm put -> TCP get, growing the send buffer (a kept shm slot) on the way
+        for seq in sorted(lease.seqs, key=tokens):  # growing sizes
+            assert put(prod, seq) is not None
+            lease.done(seq)
+        got = drain(cons, 4)
+        for g in got:
+            check_record(g.record, sid_seq(g))
+        cons.ack(got)
+        # 2. TCP put -> shm get, acked in one batch
+        lease = cons.lease_prompts(3, limit=PROMPTS)
+        assert lease is not None
+        for seq in lease.seqs:
+            assert put(cons, seq) is not None
+        back = drain(prod, 3)
+        for g in back:
+            check_record(g.record, sid_seq(g))
+        prod.ack(back)
+        s = prod.stats()
+        assert (s["inflight_bytes"], s["inflight_records"], s["acks"]) == (0, 0, 7)
+        for c in (prod, cons):
+            c.close()

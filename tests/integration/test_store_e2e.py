@@ -184,9 +184,10 @@ def test_foreground_server_leaves_no_orphans_on_signals(tmp_path: Path) -> None:
     proc, state = _foreground(tmp_path / "term")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
-    assert _gone(state["master_pid"]) and not list((tmp_path / "term").glob("store-*.json"))
+    assert _gone(state["master_pid"]) and _gone(state["segment_pid"])
+    assert not list((tmp_path / "term").glob("store-*.json"))
     # SIGKILL: no cleanup code runs; PR_SET_PDEATHSIG still takes the master down
     proc, state = _foreground(tmp_path / "kill")
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    assert _gone(state["master_pid"])
+    assert _gone(state["master_pid"]) and _gone(state["segment_pid"])

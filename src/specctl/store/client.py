@@ -14,6 +14,9 @@ claimed on the control plane before the put, so a re-issued seq is never publish
 (`put_record` returns None to the loser); a consumer sees a sample again only after it was
 handed back (corrupt record, `requeue_untrained`), and drops repeats it already delivered.
 
+On the store's own host, records move through shared memory (objects.py: one memcpy into
+the segment, one out); from other hosts over Mooncake's transfer engine (TCP or RDMA).
+
 `connect` probes the control-plane port and the Mooncake master port with a plain socket
 before building any client, so a dead store fails within `timeout_s` instead of Mooncake's
 ~90 s `setup()` hang; a store that dies later surfaces as StoreUnavailable. The mapping
@@ -99,7 +102,10 @@ class Client:
         master = ctl.get(keys.meta("master")) or ""
         mhost, _, mport = master.rpartition(":")
         require(mhost, int(mport), timeout_s, "Mooncake master")
-        objects = Objects(master, host=_local_host(addr.host))
+        host = _local_host(addr.host)
+        segment = ctl.get(keys.meta("segment")) or ""
+        shm = os.environ.get("SPECCTL_STORE_SHM", "1") != "0" and _same_host(addr.host, host)
+        objects = Objects(master, host=host, shm_via=segment if shm and segment else None)
         return cls(ctl, objects, role, str(addr))
 
     def _heartbeat(self, ctl: Control, ttl_s: float) -> None:
@@ -178,12 +184,13 @@ class Client:
         token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
-        # 3. back-pressure, then reserve the bytes (noting the reservation, so the reaper can
-        #    undo it if we die before publishing) and put from a registered buffer
-        self._wait_for_room(nbytes)
+        # 3. reserve the bytes (noting the reservation first, so the reaper can undo it if we
+        #    die before publishing; waiting while in-flight bytes are too high), then put
+        #    from a registered buffer
         ptr = self._registered_ptr(buf, nbytes)
-        self.ctl.set(keys.resv(self.id), f"{epoch}/{index}/{nbytes}")
-        self._account(nbytes, 1)
+        self._reserve(f"{epoch}/{index}/{nbytes}", nbytes)
+        for name, n in (("inflight_records", 1), ("puts", 1), ("put_bytes", nbytes)):
+            self.ctl.count(name, n)
         try:
             waits = self.objects.put(desc.key, ptr, nbytes)
         except BaseException:
@@ -193,8 +200,7 @@ class Client:
             raise
         # 4. publish, then mark the claim published (the reaper keeps marked claims)
         self.ctl.push(keys.RECORDS, desc.to_json())
-        self.ctl.set(keys.pub(epoch, index), token + keys.PUBLISHED)
-        self.ctl.delete(keys.resv(self.id))
+        self.ctl.set_many({keys.pub(epoch, index): token + keys.PUBLISHED, keys.resv(self.id): ""})
         if waits:
             self.ctl.count("waits", waits)
         return desc
@@ -213,11 +219,22 @@ class Client:
         staged.copy_(buf.reshape(-1)[:nbytes])
         return int(staged.data_ptr())
 
-    def _wait_for_room(self, nbytes: int) -> None:
-        """Block while in-flight bytes are above the high watermark, until below the low one."""
-        cur = self.ctl.count("inflight_bytes", 0)
-        if cur == 0 or cur + nbytes <= self.high_wm:
+    def _reserve(self, note: str, nbytes: int) -> None:
+        """Note the put (`resv`) and add its bytes in flight: two round trips when there is
+        room. Above the high watermark both are taken back while we wait for the low one,
+        so a producer that dies waiting leaves nothing for the reaper to undo."""
+        self.ctl.set(keys.resv(self.id), note)
+        cur = self.ctl.count("inflight_bytes", nbytes)
+        if cur == nbytes or cur <= self.high_wm:
             return
+        self.ctl.count("inflight_bytes", -nbytes)
+        self.ctl.set(keys.resv(self.id), "")
+        self._wait_for_room(cur - nbytes, nbytes)
+        self.ctl.set(keys.resv(self.id), note)
+        self.ctl.count("inflight_bytes", nbytes)
+
+    def _wait_for_room(self, cur: int, nbytes: int) -> None:
+        """Block while in-flight bytes (`cur` now) are above the low watermark."""
         t0 = last_log = time.monotonic()
         delay = 0.005
         while cur > 0 and cur + nbytes > self.low_wm:
@@ -262,8 +279,10 @@ class Client:
             self.ctl.count("corrupt", 1)
             return None
         sid = (desc.epoch, desc.index)
-        # 1. a repeat of a delivered sample (a producer presumed dead published it too)
-        if desc.run != self.run or self.ctl.get(keys.got(*sid)) is not None:
+        # 1. a stale descriptor (another run). A repeat of a delivered sample (a producer
+        #    presumed dead published it too) loses the delivery claim in step 3: checking
+        #    for it here as well would cost every record a round trip to spare a rare fetch
+        if desc.run != self.run:
             self._drop_repeat(desc)
             return None
         # 2. fetch into a registered slot and check it
@@ -315,12 +334,17 @@ class Client:
         self.ctl.count("requeued", 1)
 
     def ack(self, received: list[Received]) -> None:
-        """After the optimizer step: free the objects and the in-flight bytes, reuse slots."""
+        """After the optimizer step: free the objects and the in-flight bytes, reuse slots.
+
+        One batched remove and three counter updates per call, whatever the list length.
+        """
+        if not received:
+            return
+        self.objects.remove_many([got.descriptor.key for got in received])
+        self.ctl.count("inflight_bytes", -sum(got.descriptor.nbytes for got in received))
+        self.ctl.count("inflight_records", -len(received))
+        self.ctl.count("acks", len(received))
         for got in received:
-            self.objects.remove(got.descriptor.key)
-            self.ctl.count("inflight_bytes", -got.descriptor.nbytes)
-            self.ctl.count("inflight_records", -1)
-            self.ctl.count("acks", 1)
             self.release(got)
 
     def release(self, got: Received) -> None:
@@ -390,6 +414,11 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_host(store_host: str, local: str) -> bool:
+    """Whether the store (so its segment) runs on this machine: shared memory is possible."""
+    return is_loopback(store_host) or store_host == local
 
 
 def _local_host(store_host: str) -> str:

@@ -14,7 +14,7 @@ client of it. The keys (all under one store, one run per store):
 | `pub/<epoch>/<index>`  | value   | publication claim: `<client>/<n>` of the owning put, `!` once pushed |
 | `got/<epoch>/<index>`  | value   | delivery claim: the consumer that was handed this sample |
 | `lease/<client>`       | value   | JSON list of the seqs a producer holds and has not finished |
-| `resv/<client>`        | value   | `epoch/index/nbytes` of the put in progress (counted, not yet published) |
+| `resv/<client>`        | value   | `epoch/index/nbytes` of the put in progress (counted, not yet published); empty: none |
 | `clients`              | append  | `role|id;` for every client that ever connected |
 | `hb/<client>`          | counter | heartbeat, bumped every lease_ttl/3 |
 | `left/<client>`        | value   | set by a clean `close()` |
@@ -187,6 +187,10 @@ class Control:
 
     def set(self, key: str, value: str) -> None:
         self.store.set(key, value)
+
+    def set_many(self, items: dict[str, str]) -> None:
+        """Several values in one round trip (TCPStore multi_set)."""
+        self.store.multi_set(list(items), list(items.values()))
 
     def claim(self, key: str, value: str) -> str:
         """Atomically set key if missing; returns the value now stored (ours if we won)."""

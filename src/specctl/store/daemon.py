@@ -84,7 +84,7 @@ def stop(address: str, timeout_s: float = 20.0) -> dict[str, Any]:
     if not probe(addr.host, addr.port, 2.0):
         raise StoreUnavailable(f"no store answers at {addr}", hint="nothing to stop")
     ctl = Control.connect(addr.host, addr.port, 5.0)
-    pids = [int(ctl.get(keys.meta(k)) or 0) for k in ("pid", "master_pid")]
+    pids = [int(ctl.get(keys.meta(k)) or 0) for k in ("pid", "master_pid", "segment_pid")]
     ctl.set(keys.SHUTDOWN, "1")
     del ctl
     deadline = time.monotonic() + timeout_s
@@ -103,7 +103,7 @@ def stop(address: str, timeout_s: float = 20.0) -> dict[str, Any]:
 def state_summary(state: dict[str, Any]) -> dict[str, Any]:
     return {
         k: state[k]
-        for k in ("address", "pid", "master", "master_pid", "run", "capacity", "log")
+        for k in ("address", "pid", "master", "master_pid", "segment_pid", "run", "capacity", "log")
         if k in state
     }
 

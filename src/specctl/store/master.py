@@ -7,6 +7,10 @@ accepts a connection; the `mooncake_master` script `execv`s the binary, so the P
 is the master. It runs in its own session (a terminal ^C reaches only us, and we stop it
 in order: clients first) with `PR_SET_PDEATHSIG=SIGKILL`, so a SIGKILLed parent leaves
 no orphan. The master keeps object metadata in memory only: a restart loses every object.
+
+The data segment lives in a second child, Mooncake's standalone `mooncake_client` ("real
+client", same spawn rules): same-host clients reach it over shared memory (objects.py).
+`--global_segment_size` takes plain bytes; readiness = its RPC port accepts a connection.
 """
 
 from __future__ import annotations
@@ -35,15 +39,29 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _binary() -> str:
-    local = Path(sys.executable).parent / "mooncake_master"
-    found = str(local) if local.exists() else shutil.which("mooncake_master")
+def _binary(name: str = "mooncake_master") -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
     if not found:
         raise StoreError(
-            "mooncake_master not found",
+            f"{name} not found",
             hint="install mooncake-transfer-engine-non-cuda (`make setup`)",
         )
     return found
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Own session (a terminal ^C reaches only us), dies with us (PDEATHSIG), logs to a file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
 
 @dataclass
@@ -63,13 +81,17 @@ class Master:
         return f"http://{self.host}:{self.metrics_port}"
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, timeout_s)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start(host: str, log_path: Path, timeout_s: float = 20.0) -> Master:
@@ -87,16 +109,7 @@ def start(host: str, log_path: Path, timeout_s: float = 20.0) -> Master:
         "--put_start_discard_timeout_sec=5",
         "--put_start_release_timeout_sec=10",
     ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    proc = _spawn(args, log_path)
     master = Master(proc, host, rpc, metrics, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -109,6 +122,56 @@ def start(host: str, log_path: Path, timeout_s: float = 20.0) -> Master:
         time.sleep(0.05)
     master.stop()
     raise StoreError(f"mooncake_master not ready after {timeout_s:.0f}s", hint=f"see {log_path}")
+
+
+@dataclass
+class SegmentHolder:
+    """The `mooncake_client` child ("real client"): holds the data segment, serves
+    same-host clients over shared memory (objects.py) and remote ones over the transfer
+    engine. Its pid is the binary's (the script `execv`s it)."""
+
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        _stop(self.proc, timeout_s)
+
+
+def start_segment(
+    host: str, master: str, capacity: int, log_path: Path, timeout_s: float = 20.0
+) -> SegmentHolder:
+    """Spawn `mooncake_client` with a `capacity`-byte segment; return once it serves."""
+    port = free_port(host)
+    args = [
+        _binary("mooncake_client"),
+        f"--host={host}",
+        f"--port={port}",
+        f"--global_segment_size={capacity}",
+        "--local_buffer_size=0",
+        "--metadata_server=P2PHANDSHAKE",
+        f"--master_server_address={master}",
+        f"--protocol={os.environ.get('SPECCTL_STORE_PROTOCOL', 'tcp')}",
+        f"--device_names={os.environ.get('SPECCTL_STORE_DEVICE', '')}",
+    ]
+    holder = SegmentHolder(_spawn(args, log_path), host, port, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if holder.proc.poll() is not None:
+            raise StoreError(
+                f"mooncake_client (the data segment) exited with rc {holder.proc.returncode}",
+                hint=f"see {log_path}",
+            )
+        if probe(host, port, 0.1):
+            return holder
+        time.sleep(0.05)
+    holder.stop()
+    raise StoreError(f"mooncake_client not ready after {timeout_s:.0f}s", hint=f"see {log_path}")
 
 
 def _ready(master: Master) -> bool:

@@ -3,14 +3,15 @@
 One process hosts everything a store is:
 1. a `mooncake_master` child (master.py): object metadata;
 2. the control plane, a `torch.distributed.TCPStore` master on the one published port;
-3. a Mooncake client contributing the `--capacity` data segment, so records live in the
-   server and survive producer or trainer death (put and get are one TCP hop each);
+3. a `mooncake_client` child holding the `--capacity` data segment (master.py), so records
+   survive producer or trainer death; clients on this host reach it over shared memory
+   (put and get are memcpys in that child), others over Mooncake's transfer engine;
 4. a supervisor loop (supervisor.py): reaps the leases and half-done puts of producers
    whose heartbeat stopped, publishes rates; the loop exits when `store down` sets the
    shutdown key.
 
-Shutdown order matters: the segment client closes before the master stops (Mooncake
-clients hang on a dead master). The master runs with PDEATHSIG, so even a SIGKILLed server
+Shutdown order matters: our own Mooncake client closes, then the segment child, then the
+master (Mooncake clients hang on a dead master). The master runs with PDEATHSIG, so even a SIGKILLed server
 leaves no orphan. A state file `<state_dir>/store-<port>.json` (pid, address) lets
 `store down` find a detached server.
 """
@@ -89,6 +90,7 @@ class Server:
         self.address = f"{self.advertise}:{self.port}"
         self.run = "r" + secrets.token_hex(4)
         self.master: mc.Master | None = None
+        self.segment: mc.SegmentHolder | None = None
         self.objects: Any = None
         self.ctl: Control | None = None
         self.supervisor = Supervisor(cfg.lease_ttl_s, self.run)
@@ -99,15 +101,18 @@ class Server:
 
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         log = self.cfg.state_dir / f"master-{self.port}.log"
-        self.master = mc.start(self.cfg.host if self.cfg.host != "0.0.0.0" else self.advertise, log)
+        mhost = self.cfg.host if self.cfg.host != "0.0.0.0" else self.advertise
+        self.master = mc.start(mhost, log)
         self.ctl = Control.host(self.listener)
-        self.objects = objects = Objects(
-            self.master.address, host=self.advertise, segment_bytes=self.cfg.capacity
-        )
+        seg_log = self.cfg.state_dir / f"segment-{self.port}.log"
+        self.segment = mc.start_segment(mhost, self.master.address, self.cfg.capacity, seg_log)
+        self.objects = objects = Objects(self.master.address, shm_via=self.segment.address)
         self.supervisor.remove = objects.try_remove
         facts = {
             "master": self.master.address,
             "metrics": self.master.metrics_url,
+            "segment": self.segment.address,
+            "segment_pid": self.segment.proc.pid,
             "run": self.run,
             "capacity": self.cfg.capacity,
             "high_wm": int(self.cfg.capacity * HIGH_WM),
@@ -129,6 +134,7 @@ class Server:
             "run": self.run,
             "master": self.master.address,
             "master_pid": self.master.proc.pid,
+            "segment_pid": self.segment.proc.pid if self.segment else 0,
             "metrics": self.master.metrics_url,
             "capacity": self.cfg.capacity,
             "master_log": str(self.master.log_path),
@@ -151,6 +157,8 @@ class Server:
         if self.objects is not None:
             self.objects.close()
             self.objects = None
+        if self.segment is not None:
+            self.segment.stop()
         t1 = time.monotonic()
         if self.master is not None:
             self.master.stop()
