@@ -17,7 +17,10 @@ def command(
     data: Annotated[
         str | None,
         typer.Option(
-            help="`chatterbot`, `mtbench`, a .jsonl/.json/.parquet file or a saved dataset folder; `none` for self-prompts only."
+            help="Prompt sources, optionally weighted: `chatterbot`, `self` (target-written, "
+            "topic-steered), a .jsonl/.json/.parquet file or a saved dataset folder, e.g. "
+            "`chatterbot:3,self:2,chats.jsonl:1`; `none` for self-prompts only. `mtbench` is "
+            "the eval set (warns)."
         ),
     ] = None,
     engine: Annotated[
@@ -41,6 +44,14 @@ def command(
             help="0-based decoder layers whose outputs are captured, e.g. 1,14,26 [default: 1, N/2-1, N-4].",
         ),
     ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features",
+            help="all: aux + last hidden states (EAGLE-3); last: last hidden only (MLP "
+            "speculator; 1/(k+1) of the bytes).",
+        ),
+    ] = None,
     regenerate: Annotated[
         bool | None,
         typer.Option(
@@ -60,13 +71,17 @@ def command(
     self_prompts: Annotated[
         int | None,
         typer.Option(
-            "--self-prompts", help="Also let the target write N user prompts (and answer them)."
+            "--self-prompts",
+            help="Self-prompts per epoch (the target writes N user prompts and answers them).",
         ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Run seed; each sample draws from hash(seed, epoch, index).")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the prompts.")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Passes over the prompts; 0: until --max-samples or the trainer ends."),
+    ] = None,
     max_samples: Annotated[
         int | None,
         typer.Option(
@@ -82,8 +97,9 @@ def command(
 
     Examples:
       specctl serve-target --model smollm2-135m --data chatterbot --store 127.0.0.1:7000
-      specctl serve-target --data mtbench --regenerate --temperature 0.7 --to-dir recs/
-    Start it N times against one store: producers lease disjoint prompts.
+      specctl serve-target --data chatterbot:1,self:1 --regenerate --temperature 0.7 --epochs 0
+    Start it N times against one store: producers lease disjoint prompts. With --epochs 0
+    and temperature > 0 each epoch regenerates fresh answers until the trainer finishes.
     """
     import os
 
@@ -106,6 +122,7 @@ def command(
         engine=engine,
         to_dir=to_dir,
         aux_layers=layers,
+        features=features,
         regenerate=regenerate,
         temperature=temperature,
         top_p=top_p,

@@ -1,9 +1,19 @@
 """The producer loop of `specctl serve-target`: lease seqs, build samples, capture, pack, put.
 
 A seq maps to a sample id as `epoch, index = divmod(seq, num_prompts)`, where the prompt space
-is the dataset's usable prompts followed by `self_prompts` target-written ones. Every record is
-a function of (epoch, index, seed) (see `generate`), so whichever producer makes it, and
-however often a dead producer's lease is re-issued, the trainer sees the same sample.
+mixes the `--data` sources by weight (`mix`: built-ins, files, `self` target-written
+prompts). Every record is a function of (epoch, index, seed) (see `generate`), so whichever
+producer makes it, and however often a dead producer's lease is re-issued, the trainer sees
+the same sample. Samples that repeat one already produced in the run are dropped before
+capture (`dedup`).
+
+When a producer stops: after `--epochs` passes or `--max-samples` samples (all producers
+together); with `--epochs 0` (endless, fresh samples each epoch when temperature > 0) at
+`--max-samples` or when the run is over: every trainer that joined the store left cleanly
+(for 10 s), or `specctl store down` was called (`sinks.StoreSink.run_over`, checked before
+each lease and while waiting for room in the store). A store that vanishes is an error (exit
+1, StoreUnavailable); a trainer that crashed does not stop producers (its resume still
+needs data).
 
 Order of failure checks: model, data and aux layers are validated before anything is written
 to the store, and a seq is marked done only after its record is published; an exception
@@ -19,27 +29,35 @@ from typing import Any
 
 from specctl.console import Progress, log
 from specctl.errors import InputError, UsageError
+from specctl.target.generate import GenStats
+from specctl.target.mix import DataMix, PromptSpace
 
 
 @dataclass
 class ServeTargetConfig:
     model: str = "smollm2-135m"
     engine: str = "hf"
-    data: str | None = "chatterbot"  # built-in source, file or folder; None: self-prompts only
+    # sources with optional weights: "chatterbot:3,self:2,chats.jsonl:1", a list of such items
+    # or {sources: [...]}; None: self-prompts only. See target/mix.py.
+    data: str | list[str] | DataMix | None = "chatterbot"
     aux_layers: list[int] = field(default_factory=list)  # 0-based layer outputs; [] = default
+    # which hidden states records carry: "all" (aux + last, EAGLE-3) or "last" (last_hidden
+    # only, H instead of (k+1)*H values a token: what an MLP speculator reads)
+    features: str = "all"
     device: str | None = None  # None: cuda if available, else cpu
     threads: int | None = None  # CPU threads (None: torch's default); 1 when cores are shared
     dtype: str = "bf16"  # record dtype: bf16 | fp32 (independent of the compute dtype)
     token_budget: int = 8192  # padded tokens per forward batch
     max_tokens: int = 2048  # longer samples are truncated
-    lease_size: int = 8  # seqs per lease (one capture batch)
+    lease_size: int = 16  # seqs per lease: one regeneration + capture batch (16: ~7x batch 1)
     regenerate: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     self_prompts: int = 0
     seed: int = 0
-    epochs: int = 1
+    epochs: int = 1  # 0: until --max-samples or the run is over (see module docstring)
+    dedup: str = "auto"  # drop repeated generated samples: auto | on | off (samples.py)
     max_samples: int | None = None
     to_dir: Path | None = None
 
@@ -47,20 +65,25 @@ class ServeTargetConfig:
 @dataclass
 class Totals:
     records: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # another producer already published the sample (re-issued lease)
+    duplicates_dropped: int = 0  # same tokens as a sample already produced in this run
     tokens: int = 0
     bytes: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # published records per source
+    gen: GenStats = field(default_factory=GenStats)
 
 
 def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
     """Produce records until the run's limit; returns the summary."""
-    from specctl.target import data, models
+    from specctl.target import mix, models
     from specctl.target.engines import build_engine
 
     # 1. validate everything before writing to the store (probe it first, handshake included:
     #    a dead store or a silent listener should fail in seconds, not after loading a model)
     if cfg.dtype not in ("bf16", "fp32"):
         raise UsageError(f"--dtype must be bf16 or fp32, not {cfg.dtype!r}")
+    if cfg.features not in ("all", "last"):
+        raise UsageError(f"--features must be all or last, not {cfg.features!r}")
     if cfg.data is None and cfg.self_prompts <= 0:
         raise UsageError("no prompts: give --data or --self-prompts N")
     _check_ranges(cfg)
@@ -78,7 +101,7 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    prompts = data.load_prompts(cfg.data, cfg.regenerate) if cfg.data is not None else []
+    space = mix.build_space(cfg.data, cfg.self_prompts, cfg.regenerate)
     engine = build_engine(
         cfg.engine,
         model_path,
@@ -86,13 +109,14 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         aux_layers=cfg.aux_layers,
         token_budget=cfg.token_budget,
     )
-    num_prompts = len(prompts) + cfg.self_prompts
-    limit = num_prompts * cfg.epochs
+    num_prompts = space.size
+    limit = num_prompts * cfg.epochs if cfg.epochs > 0 else None
     if cfg.max_samples is not None:
-        limit = min(limit, cfg.max_samples)
+        limit = min(limit or cfg.max_samples, cfg.max_samples)
+    log(f"prompts: {space.describe()}")
     log(
-        f"target {cfg.model}: {engine.num_layers} layers, H={engine.hidden_size}, aux layers "
-        f"{engine.aux_layers}; {num_prompts} prompts x {cfg.epochs} epoch(s), limit {limit}"
+        f"target {cfg.model}: {engine.num_layers} layers, H={engine.hidden_size}, features "
+        f"{_features(cfg, engine)}; {num_prompts} prompts x {cfg.epochs} epoch(s), limit {limit}"
     )
     # 2. open the sink (store or folder) and produce
     import torch
@@ -106,14 +130,22 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
     totals = Totals()
     try:
         with Progress("serve-target", total=limit) as progress:
-            _loop(cfg, engine, prompts, num_prompts, sink, dtype, totals, progress)
+            _loop(cfg, engine, space, num_prompts, sink, dtype, totals, progress)
             seconds = progress.elapsed
     finally:
         sink.close()
         engine.close()
+    gen = totals.gen
     return {
         "records": totals.records,
         "duplicates": totals.duplicates,
+        "duplicates_dropped": totals.duplicates_dropped,
+        "sources": dict(sorted(totals.sources.items())),
+        "regenerated_tokens": gen.tokens,
+        "regen_tokens_per_s": round(gen.tokens / gen.seconds, 1) if gen.seconds else None,
+        "self_prompts_rejected": gen.rejected,
+        "self_prompts_fallback": gen.fallbacks,
+        "stopped": getattr(sink, "stopped", None) or "limit",
         "tokens": totals.tokens,
         "bytes": totals.bytes,
         "seconds": round(seconds, 3),
@@ -125,13 +157,15 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         "model": cfg.model,
         "hidden_size": engine.hidden_size,
         "aux_layers": engine.aux_layers,
+        "features": cfg.features,
+        "bytes_per_token": round(totals.bytes / max(totals.tokens, 1), 1),
         "sink": str(cfg.to_dir) if cfg.to_dir else "store",
     }
 
 
 def _check_ranges(cfg: ServeTargetConfig) -> None:
     for flag, value, low in (
-        ("--epochs", cfg.epochs, 1),
+        ("--epochs", cfg.epochs, 0),
         ("--max-samples", cfg.max_samples, 1),
         ("--max-new-tokens", cfg.max_new_tokens, 1),
         ("--self-prompts", cfg.self_prompts, 0),
@@ -141,6 +175,10 @@ def _check_ranges(cfg: ServeTargetConfig) -> None:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     if not 0 < cfg.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.dedup not in ("auto", "on", "off"):
+        raise UsageError(f"dedup must be auto, on or off, not {cfg.dedup!r}")
+    if cfg.epochs == 0 and cfg.max_samples is None and cfg.to_dir is not None:
+        raise UsageError("--epochs 0 with --to-dir never ends: give --max-samples N")
 
 
 def _check_writable(folder: Path) -> None:
@@ -152,7 +190,7 @@ def _check_writable(folder: Path) -> None:
 
 
 def _open_sink(
-    cfg: ServeTargetConfig, store: str | None, num_prompts: int, limit: int, engine: Any
+    cfg: ServeTargetConfig, store: str | None, num_prompts: int, limit: int | None, engine: Any
 ) -> Any:
     from specctl.target.sinks import DirSink, StoreSink
 
@@ -162,6 +200,7 @@ def _open_sink(
             "seed": cfg.seed,
             "hidden_size": engine.hidden_size,
             "aux_layers": engine.aux_layers,
+            "features": cfg.features,
             "regenerate": cfg.regenerate,
         }
         sink = DirSink(cfg.to_dir, num_prompts, limit, meta)
@@ -169,36 +208,72 @@ def _open_sink(
 
         save_config(cfg, cfg.to_dir / "serve_target.json")
         return sink
-    return StoreSink(store, num_prompts, limit, engine)
+    return StoreSink(store, num_prompts, limit, engine, cfg.features, endless=cfg.epochs == 0)
 
 
 def _loop(
     cfg: ServeTargetConfig,
     engine: Any,
-    prompts: list,
+    space: PromptSpace | list,
     num_prompts: int,
     sink: Any,
     dtype: Any,
     totals: Totals,
     progress: Progress,
 ) -> None:
+    from specctl.target.dedup import Dedup
+    from specctl.target.sinks import RunOver
+
+    if not isinstance(space, PromptSpace):
+        space = PromptSpace.from_prompts(space, num_prompts - len(space))
+    dedup = getattr(sink, "dedup", None) or Dedup()
+    try:
+        _produce(cfg, engine, space, num_prompts, sink, dtype, totals, progress, dedup)
+    except RunOver as stop:  # the trainer finished while we waited for room: a clean end
+        log(f"stopping: {stop}")
+
+
+def _produce(
+    cfg: ServeTargetConfig,
+    engine: Any,
+    space: PromptSpace,
+    num_prompts: int,
+    sink: Any,
+    dtype: Any,
+    totals: Totals,
+    progress: Progress,
+    dedup: Any,
+) -> None:
     from specctl.pack import pack_record, record_nbytes
-    from specctl.target.samples import build_samples
+    from specctl.target.samples import build_samples, deduplicated
 
     while (seqs := sink.lease(cfg.lease_size)) is not None:
         # 1. seq -> sample id -> tokenised sample (regenerated / self-prompted as configured)
         ids = [divmod(s, num_prompts) for s in seqs]
-        samples = build_samples(engine, prompts, ids, cfg)
-        # 2. one capture pass for the lease; 3. pack each into the sink's buffer and publish
-        for seq, (epoch, index), got in zip(seqs, ids, engine.capture(samples), strict=True):
+        samples = build_samples(engine, space, ids, cfg, totals.gen)
+        leased = len(seqs)
+        # 2. drop repeats of samples already produced in this run (before paying for capture)
+        kept = []
+        for seq, (epoch, index), smp in zip(seqs, ids, samples, strict=True):
+            pick = space.pick(cfg.seed, epoch, index)
+            if not deduplicated(pick, cfg) or dedup.keep(smp, epoch, index):
+                kept.append((seq, (epoch, index), smp))
+            else:
+                totals.duplicates_dropped += 1
+                sink.done(seq)
+        seqs, ids, samples = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+        # 3. one capture pass for the lease; 4. pack each into the sink's buffer and publish
+        captured = engine.capture(samples) if samples else []
+        for seq, (epoch, index), got in zip(seqs, ids, captured, strict=True):
             t = len(got.input_ids)
-            nbytes = record_nbytes(t, engine.hidden_size, len(got.aux), dtype)
+            aux = got.aux if cfg.features == "all" else None  # "last": no aux sections
+            nbytes = record_nbytes(t, engine.hidden_size, len(aux or []), dtype)
             buf = pack_record(
                 epoch=epoch,
                 index=index,
                 input_ids=_i32(got.input_ids),
                 loss_mask=_u8(got.loss_mask),
-                aux_hidden=got.aux,
+                aux_hidden=aux,
                 last_hidden=got.last,
                 dtype=dtype,
                 out=sink.buffer(nbytes),
@@ -207,12 +282,14 @@ def _loop(
                 totals.records += 1
                 totals.tokens += t
                 totals.bytes += nbytes
+                name = space.pick(cfg.seed, epoch, index).source
+                totals.sources[name] = totals.sources.get(name, 0) + 1
             else:
                 totals.duplicates += 1
             sink.done(seq)
         el = max(progress.elapsed, 1e-9)
         progress.update(
-            len(seqs),
+            leased,
             **{
                 "prompts/s": totals.records / el,
                 "tok/s": totals.tokens / el,
@@ -220,6 +297,12 @@ def _loop(
                 "inflight_MB": sink.inflight_bytes() / 1e6,
             },
         )
+
+
+def _features(cfg: ServeTargetConfig, engine: Any) -> str:
+    if cfg.features == "last":
+        return "last hidden only"
+    return f"aux layers {engine.aux_layers} + last hidden"
 
 
 def _i32(ids: list[int]) -> Any:

@@ -7,6 +7,15 @@ Store: seqs are leased from the control plane, so N producers share one prompt s
 producer that dies leaves its unfinished seqs to come back (heartbeat TTL). `put_record`
 returns None when another producer already published the sample (a re-issued lease); that
 counts as done, not as an error.
+A sink also carries the run's `dedup` (store: a run-wide claim on the control plane;
+folder: this producer's set) and, once `lease` returns None, why it stopped (`stopped`).
+
+Store, endless producers only (`--epochs 0`; finite runs end at their limit as before): the
+run is over (`lease` returns None, `stopped` says why) when `store down` set `ctl/shutdown`
+or every trainer that joined the store has left cleanly (`left/<id>`) and stays so for
+TRAINER_GRACE_S (a trainer may close a short-lived client, e.g. its resume hand-back, before
+its main one connects). Checked before each lease and while a put waits for room, so an
+endless producer does not block on back-pressure forever after the trainer finished.
 Folder: seqs are walked in order; a sample whose file exists is skipped (so a rerun resumes),
 and each file is written as `.tmp` then renamed, so a reader never sees half a record.
 """
@@ -14,39 +23,105 @@ and each file is written as `.tmp` then renamed, so a reader never sees half a r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from specctl.paths import write_atomic
+from specctl.target.dedup import Dedup
 from specctl.target.engines import Engine
+
+RUN_OVER_POLL_S = 2.0  # how often a producer waiting for room looks for the trainer's exit
+TRAINER_GRACE_S = 10.0  # all trainers gone this long: the run is over
+
+
+class RunOver(Exception):
+    """Raised from `put` while waiting for room when the run is over: stop producing."""
 
 
 class StoreSink:
-    def __init__(self, address: str | None, num_prompts: int, limit: int, engine: Engine) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        num_prompts: int,
+        limit: int | None,
+        engine: Engine,
+        features: str = "all",
+        endless: bool = False,
+    ) -> None:
         from specctl.store import Client
 
         self.client = Client.connect(address, role="producer")
         self.limit = limit
         self._lease: Any = None
+        self.dedup = Dedup(self.client.ctl.claim)
+        self.stopped: str | None = None
+        self.endless = endless
+        self._checked = 0.0
+        self._all_left_since: float | None = None
         try:
             self.client.run_meta("num_prompts", str(num_prompts))
             self.client.run_meta("target.hidden_size", str(engine.hidden_size))
             self.client.run_meta("target.aux_layers", ",".join(map(str, engine.aux_layers)))
+            self.client.run_meta("target.features", features)  # all producers of a run agree
         except BaseException:
             self.client.close()
             raise
 
     def lease(self, n: int) -> list[int] | None:
+        if self.run_over(force=True):
+            return None
         self._lease = self.client.lease_prompts(n, limit=self.limit)
         return None if self._lease is None else list(self._lease.seqs)
+
+    def run_over(self, force: bool = False) -> bool:
+        """Endless runs: the store is shutting down, or every trainer that joined left (for
+        TRAINER_GRACE_S; `force` waits that grace out here instead of on later calls)."""
+        from specctl.store import control as keys
+
+        now = time.monotonic()
+        if not self.endless or (not force and now - self._checked < RUN_OVER_POLL_S):
+            return False
+        while True:
+            self._checked = now
+            ctl = self.client.ctl
+            if ctl.get(keys.SHUTDOWN):
+                self.stopped = "store shutting down"
+                return True
+            trainers = [cid for role, cid in ctl.clients() if role == "trainer"]
+            if not (trainers and all(ctl.get(keys.left(cid)) for cid in trainers)):
+                self._all_left_since = None
+                return False
+            self._all_left_since = self._all_left_since or now
+            if now - self._all_left_since >= TRAINER_GRACE_S:
+                self.stopped = "trainer finished"
+                return True
+            if not force:
+                return False
+            time.sleep(1.0)
+            now = time.monotonic()
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         return self.client.buffer(nbytes)
 
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
+        self._wait_for_room(int(buf.numel()))
         return self.client.put_record(buf, epoch=epoch, index=index, T=T) is not None
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        """Back-pressure as put_record does it (above high, wait for low), but give up when
+        the run is over; put_record then finds room and does not wait again."""
+        c = self.client
+        cur = c.ctl.count("inflight_bytes", 0)
+        if cur == 0 or cur + nbytes <= c.high_wm:
+            return
+        while cur > 0 and cur + nbytes > c.low_wm:
+            if self.run_over():
+                raise RunOver(self.stopped or "")
+            time.sleep(0.05)
+            cur = c.ctl.count("inflight_bytes", 0)
 
     def done(self, seq: int) -> None:
         self._lease.done(seq)
@@ -63,6 +138,8 @@ class LocalSink:
 
     def __init__(self) -> None:
         self._buf = torch.empty(0, dtype=torch.uint8)
+        self.dedup = Dedup()
+        self.stopped: str | None = None
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         if self._buf.numel() < nbytes:
@@ -80,7 +157,9 @@ class LocalSink:
 
 
 class DirSink(LocalSink):
-    def __init__(self, folder: Path, num_prompts: int, limit: int, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, folder: Path, num_prompts: int, limit: int | None, meta: dict[str, Any]
+    ) -> None:
         super().__init__()
         self.folder = folder
         self.num_prompts = num_prompts
@@ -99,7 +178,7 @@ class DirSink(LocalSink):
 
     def lease(self, n: int) -> list[int] | None:
         seqs: list[int] = []
-        while len(seqs) < n and self.next_seq < self.limit:
+        while len(seqs) < n and (self.limit is None or self.next_seq < self.limit):
             epoch, index = divmod(self.next_seq, self.num_prompts)
             if not self.path(epoch, index).exists():
                 seqs.append(self.next_seq)

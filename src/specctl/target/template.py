@@ -93,8 +93,9 @@ def tokenize_text(tokenizer: Any, text: str) -> Tokenized:
     return Tokenized(ids, [1] * len(ids))
 
 
-def user_header(tokenizer: Any) -> str:
+def user_header(tokenizer: Any, system: str | None = None) -> str:
     """Text that opens a user turn at the start of a conversation (for self-prompts)."""
     sentinel = "\x00SPECCTL\x00"
-    text = render(tokenizer, [{"role": "user", "content": sentinel}])
+    first = [{"role": "system", "content": system}] if system else []
+    text = render(tokenizer, [*first, {"role": "user", "content": sentinel}])
     return text[: text.index(sentinel)]

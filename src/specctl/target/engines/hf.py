@@ -5,6 +5,10 @@ lm_head: full-vocab logits are never needed) with `HiddenCapture` hooks; pads ar
 per sample. Generation: left-padded batches with a KV cache, one `torch.Generator` per row so
 a sample's draws depend only on its own seed.
 
+Finished rows (a stop token) leave the batch at once (`DynamicCache.batch_select_indices`),
+so a batch costs what its live rows cost; sampling is one batched softmax per step, then per
+row a top-k nucleus and one multinomial with that row's generator.
+
 Traps: bf16 prefill is ~6x slower than fp32 on CPUs without AVX512-BF16, so CPU runs fp32;
 left padding needs explicit position_ids (cumsum of the mask), or pads shift RoPE positions;
 `logits_to_keep=1` avoids [B, L, vocab] logits at prefill.
@@ -91,7 +95,7 @@ class HFEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        rows = list(range(len(prompts)))  # batch row b generates for prompt rows[b]
         cache = None
         step_ids = ids
         for _ in range(params.max_new_tokens):
@@ -106,21 +110,20 @@ class HFEngine:
                 logits_to_keep=1,
             )
             cache = out.past_key_values
-            # 3. one draw per row with the row's own generator
-            nxt = [
-                sample_token(out.logits[b, -1].float(), params, gens[b])
-                for b in range(len(prompts))
-            ]
-            for b, tok in enumerate(nxt):
-                if not done[b]:
-                    new[b].append(tok)
-                    done[b] = tok in self.stop_ids
-            if all(done):
+            # 3. one draw per row with the row's own generator: [B, V] -> B tokens
+            nxt = sample_rows(out.logits[:, -1].float(), params, [gens[r] for r in rows])
+            for r, tok in zip(rows, nxt, strict=True):
+                new[r].append(tok)
+            # 4. finished rows (EOS) leave the batch: no more compute spent on them
+            live = [b for b, tok in enumerate(nxt) if tok not in self.stop_ids]
+            if not live:
                 break
-            step_ids = torch.tensor(
-                [[t if not d else self.pad_id] for t, d in zip(nxt, done, strict=True)],
-                device=self.device,
-            )
+            if len(live) < len(rows):
+                keep = torch.tensor(live, device=self.device)
+                cache.batch_select_indices(keep)
+                mask, rows = mask[keep], [rows[b] for b in live]
+                nxt = [nxt[b] for b in live]
+            step_ids = torch.tensor([[t] for t in nxt], device=self.device)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return new
 
@@ -130,14 +133,35 @@ class HFEngine:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """logits [V] -> one token: greedy at temperature 0, else temperature + nucleus sampling."""
+    return sample_rows(logits[None], params, [gen])[0]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
+) -> list[int]:
+    """logits [B, V] -> B tokens; row b draws only from gens[b], so rows never share draws.
+
+    Nucleus sampling takes the top 256 of a row (growing 8x until they hold top_p of the
+    mass) instead of sorting all V: a full sort of a 49k vocab per row per step cost about
+    as much as the decode step itself here. Per row, so no row depends on its batch-mates.
+    """
     if params.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+        return [int(t) for t in logits.argmax(-1).tolist()]
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # [B, V]
+    out = []
+    for b, gen in enumerate(gens):
+        p, order = probs[b], None
+        if params.top_p < 1.0:
+            k = min(256, p.numel())
+            while True:
+                top, order = p.topk(k)  # [k] each, descending
+                if k == p.numel() or float(top.sum()) >= params.top_p:
+                    break
+                k = min(k * 8, p.numel())
+            p = top * (top.cumsum(-1) - top < params.top_p)  # always keeps the top token
+        j = int(torch.multinomial(p, 1, generator=gen))
+        out.append(int(order[j]) if order is not None else j)
+    return out
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
