@@ -143,6 +143,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass
+class DecodeWeights:
+    """Decode-time tensors derived from the parameters (never parameters themselves, so the
+    state-dict names stay the export names): q/k/v and gate/up fused into one matmul each,
+    and a RoPE table with the rotation's sign folded into sin. `key` identifies the source
+    weights (storage + version): an optimizer step, `load_state_dict` or `.to()` rebuilds it;
+    `sources` holds those storages so a freed one's address cannot come back under a new tensor.
+    """
+
+    key: tuple[tuple[int, int], ...]
+    sources: list[torch.Tensor]
+    qkv: torch.Tensor  # [(nh + 2 nkv) d, 2H]
+    gate_up: torch.Tensor  # [2I, H]
+    cos: torch.Tensor  # [P, d]
+    sin: torch.Tensor  # [P, d], first half negated: rope(x) = x cos + swap_halves(x) sin
+
+
+def _rope_table(cfg: Eagle3Config, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin [n, d] for positions 0..n-1 (bitwise `rope_cos_sin`'s values)."""
+    cos, sin = rope_cos_sin(torch.arange(n)[None], cfg.head_dim, cfg.rope_theta, dtype)
+    sin = sin[0, 0].clone()  # [n, d]
+    sin[:, : cfg.head_dim // 2].neg_()
+    return cos[0, 0], sin
+
+
+def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in one kernel for fp32 (bitwise equal to `RMSNorm.forward` there)."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
+
+
 class Attention(nn.Module):
     """GQA self-attention whose q/k/v read the 2H-wide [embedding ; hidden] input."""
 
@@ -252,9 +284,68 @@ class Eagle3Draft(nn.Module):
         position_ids: torch.Tensor,
         cache: Attend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, q], hidden [B, q, H], position_ids [B, q] -> (logits [B, q, Vd], h_out)."""
-        h_out = self.step(input_ids, hidden, position_ids, cache)
-        return self.logits(h_out), h_out
+        """input_ids [B, q], hidden [B, q, H], position_ids [B, q] -> (logits [B, q, Vd], h_out).
+
+        Without autograd (inference) this takes the fused `decode_step`; with it, `step`.
+        """
+        if torch.is_grad_enabled():
+            h_out = self.step(input_ids, hidden, position_ids, cache)
+            return self.logits(h_out), h_out
+        h_out = self.decode_step(input_ids, hidden, position_ids, cache)
+        return self.decode_logits(h_out), h_out
+
+    def decode_weights(self, max_position: int, dtype: torch.dtype) -> DecodeWeights:
+        """The fused decode tensors, rebuilt when a source weight changed or RoPE must grow."""
+        att, mlp = self.midlayer.self_attn, self.midlayer.mlp
+        src = [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
+        src += [mlp.gate_proj.weight, mlp.up_proj.weight]
+        key = tuple((w.data_ptr(), w._version) for w in src)
+        dw: DecodeWeights | None = self.__dict__.get("_decode_weights")  # not a module attribute
+        if dw is None or dw.key != key:
+            with torch.no_grad():
+                cos, sin = _rope_table(self.cfg, 1024, dtype)
+                qkv, gate_up = torch.cat(src[:3]), torch.cat(src[3:])
+                dw = DecodeWeights(key, [w.detach() for w in src], qkv, gate_up, cos, sin)
+        if max_position >= dw.cos.shape[0] or dw.cos.dtype != dtype:
+            dw.cos, dw.sin = _rope_table(self.cfg, 2 * (max_position + 1), dtype)
+        self.__dict__["_decode_weights"] = dw
+        return dw
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Attend,
+    ) -> torch.Tensor:
+        """`step` for inference, same math in fewer kernels -> h_out [B, q, H] (pre-norm).
+
+        q/k/v and gate/up are one matmul each, RoPE is a table lookup applied once over the
+        q and k heads together, RMSNorm is one kernel. Equal to `step` up to matmul rounding.
+        """
+        layer, att = self.midlayer, self.midlayer.self_attn
+        b, n = input_ids.shape
+        nh, nkv, d = att.nh, att.nkv, att.d
+        dw = self.decode_weights(int(position_ids.max()), hidden.dtype)
+        # 1. [input_layernorm(embed(tok)) ; hidden_norm(h)] -> [B, q, 2H]
+        emb = self.embed_tokens(input_ids).to(hidden.dtype)  # [B, q, H]
+        x = torch.cat([_rms(layer.input_layernorm, emb), _rms(layer.hidden_norm, hidden)], -1)
+        # 2. q, k, v in one matmul; RoPE once over the nh + nkv query and key heads.
+        qkv = F.linear(x, dw.qkv).view(b, n, nh + 2 * nkv, d).transpose(1, 2)  # [B, nh+2nkv, q, d]
+        cos, sin = dw.cos[position_ids][:, None], dw.sin[position_ids][:, None]  # [B, 1, q, d]
+        qk = qkv[:, : nh + nkv]
+        qk = qk * cos + torch.roll(qk, d // 2, -1) * sin  # [B, nh+nkv, q, d]
+        out = cache.attend(0, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :])  # [B, nh, q, d]
+        h = hidden + att.o_proj(out.transpose(1, 2).reshape(b, n, nh * d))  # [B, q, H]
+        # 3. SwiGLU MLP with gate and up in one matmul.
+        gate, up = F.linear(_rms(layer.post_attention_layernorm, h), dw.gate_up).chunk(2, -1)
+        h = h + layer.mlp.down_proj(F.silu(gate) * up)
+        cache.commit(n)
+        return h
+
+    def decode_logits(self, h_out: torch.Tensor) -> torch.Tensor:
+        """`logits` with the one-kernel RMSNorm (inference)."""
+        return self.lm_head(_rms(self.norm, h_out))
 
     def forward(
         self,
@@ -273,14 +364,41 @@ class Eagle3Draft(nn.Module):
         self.t2d.copy_(t2d)
 
     @torch.no_grad()
-    def init_from_target(self, embed: torch.Tensor, target_lm_head: torch.Tensor) -> None:
+    def init_from_target(
+        self,
+        embed: torch.Tensor,
+        target_lm_head: torch.Tensor,
+        final_norm: torch.Tensor | None = None,
+    ) -> None:
         """Copy the frozen embedding and start the draft head from the target's draft-vocab rows.
 
         Call after `set_vocab`: the head rows are `target_lm_head[draft_id + d2t[draft_id]]`.
+        `final_norm` (the target's `model.norm.weight`) starts `norm` too, so that at step 0
+        logits = target_lm_head(target_norm(h)) restricted to the draft vocab: the draft only
+        has to learn the target's last hidden state, not a rescaled one (SmolLM2's final norm
+        weights average ~1.8, far from the all-ones default).
         """
         self.embed_tokens.weight.copy_(embed)
         ids = torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device)
         self.lm_head.weight.copy_(target_lm_head[self.to_target_ids(ids).to(target_lm_head.device)])
+        if final_norm is not None:
+            self.norm.weight.copy_(final_norm)
+
+    @torch.no_grad()
+    def init_logit_lens(self) -> None:
+        """Start as the target's logit lens on its deepest aux layer: `fc` copies that state
+        and the layer's residual branches (o_proj, down_proj) start at zero, so step-0 logits
+        = lm_head(norm(aux_deepest)). With the head and norm from the target this agrees with
+        the target's next token ~49% of the time on SmolLM2 (layer 26 of 30) before any
+        training, where a random fc starts at ~0% and needs thousands of tokens to get there.
+        """
+        h, k = self.cfg.hidden_size, self.cfg.num_aux
+        if self.cfg.target_hidden_size != h:
+            return  # no identity map between different widths: keep the random init
+        self.fc.weight.zero_()
+        self.fc.weight[:, (k - 1) * h :].copy_(torch.eye(h))
+        self.midlayer.self_attn.o_proj.weight.zero_()
+        self.midlayer.mlp.down_proj.weight.zero_()
 
 
 class DraftCache:
@@ -295,6 +413,7 @@ class DraftCache:
         self._capacity = capacity
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._tri: torch.Tensor | None = None  # [C, C] bool causal triangle, masks are views
 
     def crop(self, n_keep: int) -> None:
         if not 0 <= n_keep <= self.length:
@@ -314,11 +433,18 @@ class DraftCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
     def _mask(self, start: int, n: int, device: torch.device) -> torch.Tensor | None:
-        """[n, start+n] bool: the keys each new query sees (None: one query sees all)."""
+        """[n, start+n] bool: the keys each new query sees (None: one query sees all).
+
+        A view of one preallocated causal triangle (grown by doubling), not a new mask per call.
+        """
         if n <= 1:
             return None
-        pos_q = torch.arange(start, start + n, device=device)[:, None]  # query i is at start+i
-        return torch.arange(start + n, device=device)[None, :] <= pos_q
+        tri = self._tri
+        if tri is None or tri.shape[0] < start + n or tri.device != device:
+            size = max(self._capacity, 2 * (start + n))
+            tri = torch.ones(size, size, dtype=torch.bool, device=device).tril_()
+            self._tri = tri
+        return tri[start : start + n, : start + n]
 
     def _reserve(
         self, layer: int, like: torch.Tensor, need: int
@@ -371,3 +497,23 @@ def load_target_rows(model_dir: Path | str) -> tuple[torch.Tensor, torch.Tensor]
     embed = read(embed_key)
     head = read("lm_head.weight") if "lm_head.weight" in weight_map else embed
     return embed, head
+
+
+def load_target_norm(model_dir: Path | str) -> torch.Tensor | None:
+    """The target's final RMSNorm weight [H] (`model.norm.weight`), or None if it has none."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    elif (root / "model.safetensors").is_file():
+        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+    else:
+        return None
+    key = next((k for k in ("model.norm.weight", "norm.weight") if k in weight_map), None)
+    if key is None:
+        return None
+    with safe_open(str(root / weight_map[key]), framework="pt") as f:
+        return f.get_tensor(key).float()

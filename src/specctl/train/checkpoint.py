@@ -47,6 +47,8 @@ class TrainerState:
     samples: int = 0
     tokens: int = 0
     best_al: float = 0.0
+    best_step: int = 0
+    evals_since_best: int = 0  # early stopping (--patience)
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +58,8 @@ class TrainerState:
             "samples": self.samples,
             "tokens": self.tokens,
             "best_al": self.best_al,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
             "metrics": self.metrics,
             "trained": sorted([list(s) for s in self.trained]),
             "heldout_seen": sorted([list(s) for s in self.heldout_seen]),
@@ -69,6 +73,8 @@ class TrainerState:
             samples=d["samples"],
             tokens=d["tokens"],
             best_al=d["best_al"],
+            best_step=d.get("best_step", 0),
+            evals_since_best=d.get("evals_since_best", 0),
             metrics=d["metrics"],
             trained={(e, i) for e, i in d["trained"]},
             heldout_seen={(e, i) for e, i in d["heldout_seen"]},
@@ -95,7 +101,7 @@ def write_checkpoint(
     tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "draft.safetensors"))
+    save_file(_unshared(model_sd), str(tmp / "draft.safetensors"))
     torch.save(optim_sd, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()) + "\n")
     shutil.copyfile(config_path, tmp / "config.json")
@@ -110,6 +116,20 @@ def write_checkpoint(
         _link(out / "best", final)
     _prune(out)
     return final
+
+
+def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory: tied weights (MLP speculator tie_weights)
+    are written once per name, as copies (serving loaders read every slot name)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        v = v.contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
 
 
 def write_rng(out: Path, step: int, rank: int) -> None:
@@ -139,6 +159,45 @@ def read_checkpoint(out: Path) -> tuple[Path, TrainerState]:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {', '.join(missing)}")
     state = TrainerState.from_json(json.loads((ckpt / "trainer_state.json").read_text()))
     return ckpt, state
+
+
+def init_checkpoint(cfg: Any) -> Path:
+    """--init-from PATH -> a checkpoint dir: PATH itself, or a run dir's `best` (else `latest`).
+
+    A warm start (the second phase of a recipe) takes draft weights only: the optimizer,
+    scheduler, step counter and trained ids start fresh. The family must match.
+    """
+    path = Path(str(cfg.init_from))
+    if not (path / "draft.safetensors").is_file():
+        path = next((path / n for n in ("best", "latest") if (path / n).exists()), path).resolve()
+    if not (path / "draft.safetensors").is_file() or not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"--init-from {cfg.init_from}: no train-draft checkpoint there",
+            "pass a run dir (its best/latest) or a checkpoints/step-N dir",
+        )
+    family = json.loads((path / "config.json").read_text()).get("draft_family", "eagle3")
+    if family != cfg.draft_family:
+        raise CheckpointError(
+            f"--init-from {path} holds a {family} draft, this run trains {cfg.draft_family}",
+            f"add --draft {family} or start from a {cfg.draft_family} checkpoint",
+        )
+    return path
+
+
+def load_init_weights(ckpt: Path, model: Any) -> None:
+    """Every rank: the checkpoint's draft weights into the (sharded) model, strictly."""
+    from safetensors.torch import load_file
+
+    from specctl.train import parallel
+
+    sd = {f"draft.{k}": v for k, v in load_file(str(ckpt / "draft.safetensors")).items()}
+    try:
+        parallel.load_full_state_dict(model, sd)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"--init-from {ckpt}: its weights do not fit this draft: {str(e).splitlines()[0]}",
+            "use the same draft settings as that run (see its config.json)",
+        ) from None
 
 
 def restore_rng(ckpt: Path, rank: int) -> None:

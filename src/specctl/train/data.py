@@ -59,14 +59,24 @@ def is_heldout(sample: SampleId, fraction: float) -> bool:
 
 
 def check_record(rec: Any, hidden_size: int, num_aux: int, where: str) -> None:
-    """One-line InputError when a record does not fit the target/draft dimensions."""
+    """One-line InputError when a record does not fit the target/draft dimensions.
+
+    `num_aux` 0 means the draft reads only `last_hidden` (MLP speculator): records with or
+    without aux sections fit; a positive `num_aux` (EAGLE-3) needs the aux sections.
+    """
     hd = rec.header
-    if not hd.has_aux or not hd.has_last:
+    if not hd.has_last:
         raise InputError(
-            f"record {where} lacks aux or last hidden states",
-            "produce records with `specctl serve-target` (EAGLE-3 capture)",
+            f"record {where} lacks the last hidden states",
+            "produce records with `specctl serve-target` (--features all or last)",
         )
-    if hidden_size != hd.H or hd.num_aux != num_aux:
+    if num_aux and not hd.has_aux:
+        raise InputError(
+            f"record {where} has no aux hidden states (serve-target --features last); "
+            "the EAGLE-3 trainer needs them",
+            "produce records with `serve-target --features all`, or train `--draft mlp`",
+        )
+    if hidden_size != hd.H or (num_aux and hd.num_aux != num_aux):
         raise InputError(
             f"record {where} has H={hd.H}, {hd.num_aux} aux layers; the target "
             f"config says H={hidden_size}, {num_aux} aux layers",
@@ -74,20 +84,31 @@ def check_record(rec: Any, hidden_size: int, num_aux: int, where: str) -> None:
         )
 
 
-def collate(records: list[Any], ids: list[SampleId], handles: list[Any] | None = None) -> Batch:
-    """pack.Record views -> one right-padded Batch (copies, so record buffers may be reused)."""
+def collate(
+    records: list[Any],
+    ids: list[SampleId],
+    handles: list[Any] | None = None,
+    with_aux: bool = True,
+) -> Batch:
+    """pack.Record views -> one right-padded Batch (copies, so record buffers may be reused).
+
+    Without `with_aux` (or when records carry none) `aux` is an empty [B, T, 0] tensor.
+    """
     t_max = max(r.header.T for r in records)
     b = len(records)
     first = records[0]
+    with_aux = with_aux and all(r.aux_hidden is not None for r in records)
+    k_h = first.aux_hidden.shape[1] if with_aux else 0
     input_ids = torch.zeros(b, t_max, dtype=torch.long)
     loss_mask = torch.zeros(b, t_max, dtype=torch.uint8)
-    aux = torch.zeros(b, t_max, first.aux_hidden.shape[1], dtype=first.aux_hidden.dtype)
+    aux = torch.zeros(b, t_max, k_h, dtype=first.last_hidden.dtype)
     last = torch.zeros(b, t_max, first.last_hidden.shape[1], dtype=first.last_hidden.dtype)
     for i, r in enumerate(records):
         t = r.header.T
         input_ids[i, :t] = r.input_ids
         loss_mask[i, :t] = r.loss_mask
-        aux[i, :t] = r.aux_hidden
+        if with_aux:
+            aux[i, :t] = r.aux_hidden
         last[i, :t] = r.last_hidden
     return Batch(
         input_ids,
@@ -156,7 +177,7 @@ def load_batch(items: list[tuple[SampleId, Path]], hidden_size: int, num_aux: in
     records = [read_record(f) for _, f in items]
     for (_, f), r in zip(items, records, strict=True):
         check_record(r, hidden_size, num_aux, str(f))
-    return collate(records, [s for s, _ in items])
+    return collate(records, [s for s, _ in items], with_aux=num_aux > 0)
 
 
 class Prefetcher:

@@ -18,9 +18,12 @@ import torch
 
 from specctl.config import save_config, to_dict
 from specctl.console import Progress, log
+from specctl.draft.mlp import MLPSpeculatorConfig
 from specctl.train import parallel
 from specctl.train.checkpoint import (
     TrainerState,
+    init_checkpoint,
+    load_init_weights,
     read_checkpoint,
     restore_rng,
     write_checkpoint,
@@ -28,6 +31,7 @@ from specctl.train.checkpoint import (
 )
 from specctl.train.data import Batch, Prefetcher
 from specctl.train.metrics import MetricsLog
+from specctl.train.mlp_setup import build_mlp_model, full_vocab
 from specctl.train.objective import TTTResult, simulated_al, step_counts
 from specctl.train.run_config import TrainDraftConfig
 from specctl.train.setup import (
@@ -61,23 +65,56 @@ def _run(cfg: TrainDraftConfig, env: parallel.Dist) -> dict[str, Any]:
     if ckpt is not None:
         _check_same_shape(ckpt, cfg)
     source = open_source(cfg, env, dcfg, out, state)
+    if cfg.eval_from:  # bad --eval-from fails now, not at the first eval
+        _eval_batches(cfg, source.dims)
     try:
-        mapping = resolve_vocab(cfg, env, dcfg, source.first_samples, out, ckpt)
-        model = parallel.parallelize(
-            build_model(dcfg, mapping, target_dir, cfg, env), env, cfg.precision, cfg.compile
-        )
+        init = init_checkpoint(cfg) if ckpt is None and cfg.init_from else None
+        built: torch.nn.Module
+        if isinstance(dcfg, MLPSpeculatorConfig):
+            mapping = full_vocab(dcfg, env, out)
+            built = build_mlp_model(dcfg, target_dir, cfg, env)
+        else:  # --init-from keeps the warm start's vocab mapping, like --resume
+            mapping = resolve_vocab(cfg, env, dcfg, source.first_samples, out, ckpt or init)
+            built = build_model(dcfg, mapping, target_dir, cfg, env)
+        model = parallel.parallelize(built, env, cfg.precision, cfg.compile)
         optim, sched = build_optimizer(model, cfg)
         if ckpt is not None:
             _restore(ckpt, model, optim, sched, env)
+        elif init is not None:
+            load_init_weights(init, model)
         if env.is_main:
             save_config(cfg, out / "config.json")
             log(
-                f"draft: {dcfg.draft_vocab_size} draft tokens (coverage "
+                f"draft {cfg.draft_family}: {mapping.draft_vocab_size} draft tokens (coverage "
                 f"{mapping.coverage():.3f}), world {env.world}, start step {state.step}"
             )
-        return _loop(cfg, env, out, model, optim, sched, state, source)
+        summary = _loop(cfg, env, out, model, optim, sched, state, source)
+        summary.update(_vocab_summary(cfg, mapping, source.dims))
+        return summary
     finally:
         source.close()
+
+
+def _vocab_summary(cfg: TrainDraftConfig, mapping: Any, dims: tuple[int, int]) -> dict[str, Any]:
+    """Draft vocab size and coverage: of the counted tokens, and of --eval-from's (unseen)."""
+    from specctl.draft.vocab import count_tokens, coverage_of
+    from specctl.train.data import DirSource, read_record
+
+    s: dict[str, Any] = {
+        "draft_vocab_size": mapping.draft_vocab_size,
+        "vocab_coverage": mapping.coverage(),
+        **{k: v for k, v in mapping.info.items() if k != "vocab_candidates"},
+    }
+    if "vocab_candidates" in mapping.info:
+        s["vocab_candidates"] = {
+            int(r["size"]): [round(r["coverage"], 4), round(r["speedup"], 3)]
+            for r in mapping.info["vocab_candidates"]
+        }
+    if cfg.eval_from:
+        items = DirSource(Path(cfg.eval_from), *dims, 1.0, cfg.max_eval).heldout
+        pairs = ((r.input_ids, r.loss_mask) for r in (read_record(f) for _, f in items))
+        s["eval_from_coverage"] = coverage_of(mapping, count_tokens(pairs, mapping.vocab_size))
+    return s
 
 
 def _check_same_shape(ckpt: Path, cfg: TrainDraftConfig) -> None:
@@ -95,7 +132,12 @@ def _check_same_shape(ckpt: Path, cfg: TrainDraftConfig) -> None:
         "num_aux",
         "draft_vocab_size",
     ]
+    if cfg.draft_family == "mlp":
+        keys = ["inner_dim", "tie_weights", "scale_input"]
     diff = [k for k in keys if saved["draft"].get(k) != now["draft"][k]]
+    diff += [
+        k for k, d in (("draft_family", "eagle3"), ("n_predict", 3)) if saved.get(k, d) != now[k]
+    ]
     if diff:
         raise CheckpointError(
             f"--resume: {ckpt} was trained with different {', '.join(diff)}",
@@ -129,6 +171,7 @@ def _loop(
     t0 = time.monotonic()
     last: dict[str, float] = {}
     heldout_al = 0.0
+    stopped_early = False
     start_step = state.step
     try:
         with Progress("train-draft", total=cfg.max_steps) if env.is_main else _Quiet() as prog:
@@ -163,6 +206,11 @@ def _loop(
                     heldout_al = _eval_and_save(
                         cfg, env, out, model, optim, sched, state, source, metrics, heldout_al
                     )
+                if cfg.patience and state.evals_since_best >= cfg.patience:
+                    stopped_early = True
+                    if env.is_main:
+                        log(f"early stop at step {state.step}: {cfg.patience} evals, no gain")
+                    break
         if state.step > start_step and state.step % cfg.save_every and state.step % cfg.eval_every:
             heldout_al = _eval_and_save(
                 cfg,
@@ -197,7 +245,11 @@ def _loop(
         "acc_0": last.get("acc_0"),
         "sim_al": last.get("sim_al"),
         "heldout_al": heldout_al,
+        "eval_al": state.metrics.get("eval_al"),  # --eval-from
         "best_al": state.best_al,
+        "best_by": "eval_from" if cfg.eval_from else "heldout",
+        "best_step": state.best_step,
+        "stopped_early": stopped_early,
         "tokens_per_s": last.get("tokens_per_s"),
         "data_wait_pct": 100.0 * pf.wait_s / elapsed,
         "world": env.world,
@@ -250,7 +302,7 @@ def _train_step(
     group: list[Batch],
     state: TrainerState,
 ) -> dict[str, float]:
-    k = cfg.ttt_length
+    k = len(cfg.step_weights())  # TTT steps (eagle3) or heads (mlp)
     # Every rank runs the same number of forwards (FSDP collectives): pad with masked copies.
     n_micro = int(parallel.all_reduce(torch.tensor([len(group)], device=env.device), "max"))
     group = group + [_masked(group[-1])] * (n_micro - len(group))
@@ -279,7 +331,7 @@ def _train_step(
     state.step += 1
     state.samples += int(samples.item())
     state.tokens += int(tokens.item())
-    return _step_metrics(sums, grad_norm, cfg.step_decay)
+    return _step_metrics(sums, grad_norm, cfg.step_weights())
 
 
 def _masked(b: Batch) -> Batch:
@@ -291,13 +343,12 @@ def _sums(r: TTTResult, device: torch.device) -> torch.Tensor:
     return torch.stack([r.loss_sum.float(), r.hits, r.count.to(device), r.valid.to(device)])
 
 
-def _step_metrics(sums: torch.Tensor, grad_norm: Any, decay: float) -> dict[str, float]:
-    """`loss` weighs the steps as the objective does (decay^k), so it is the trained loss."""
+def _step_metrics(sums: torch.Tensor, grad_norm: Any, weights: list[float]) -> dict[str, float]:
+    """`loss` weighs the steps as the objective does (`cfg.step_weights()`): the trained loss."""
     loss_sum, hits, count, valid = (s.cpu() for s in sums)
     count = count.clamp(min=1)
     acc = (hits / count).tolist()
     losses = (loss_sum / count).tolist()
-    weights = [decay**i for i in range(len(acc))]
     gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     m = {
         "loss": sum(w * x for w, x in zip(weights, losses, strict=True)),
@@ -315,12 +366,12 @@ def evaluate(
     cfg: TrainDraftConfig, env: parallel.Dist, model: TTTModel, batches: list[Batch]
 ) -> dict[str, float]:
     """Simulated AL on the held-out slice (every rank evaluates the same batches)."""
-    k = cfg.ttt_length
+    k = len(cfg.step_weights())
     sums = torch.zeros(4, k, device=env.device)
     for b in batches:
         denom = step_counts(b.loss_mask, k).long().to(env.device)
         sums += _sums(as_result(model(*_to(b, env.device), denom)), env.device)
-    m = _step_metrics(sums, torch.tensor(0.0), cfg.step_decay)
+    m = _step_metrics(sums, torch.tensor(0.0), cfg.step_weights())
     m.pop("grad_norm")
     return m
 
@@ -339,7 +390,8 @@ def _eval_and_save(
     force_eval: bool = False,
 ) -> float:
     batches = source.heldout_batches()
-    if batches and (force_eval or state.step % cfg.eval_every == 0):
+    eval_now = force_eval or state.step % cfg.eval_every == 0
+    if batches and eval_now:
         ev = evaluate(cfg, env, model, batches)
         heldout_al = ev["sim_al"]
         metrics.write("eval", state.step, ev)
@@ -348,10 +400,18 @@ def _eval_and_save(
                 f"[eval] step {state.step}: held-out sim AL {heldout_al:.3f} "
                 f"acc_0 {ev['acc_0']:.3f} on {sum(len(b.ids) for b in batches)} samples"
             )
-    best = heldout_al > state.best_al or not (out / "best").exists()
+    eval_al = state.metrics.get("eval_al", 0.0)
+    if cfg.eval_from and eval_now:
+        eval_al = _eval_from(cfg, env, model, source.dims, state.step, metrics)
+    score = eval_al if cfg.eval_from else heldout_al
+    best = score > state.best_al or not (out / "best").exists()
     if best:
-        state.best_al = heldout_al
+        state.best_al, state.best_step, state.evals_since_best = score, state.step, 0
+    elif eval_now and (batches or cfg.eval_from):
+        state.evals_since_best += 1
     state.metrics = {"heldout_al": heldout_al}
+    if cfg.eval_from:
+        state.metrics["eval_al"] = eval_al
     # each rank saw its own samples: the checkpoint holds the union
     state.trained = set().union(*parallel.all_gather_object(state.trained))
     state.heldout_seen = set().union(*parallel.all_gather_object(state.heldout_seen))
@@ -372,3 +432,38 @@ def _eval_and_save(
         )
     parallel.barrier()
     return heldout_al
+
+
+_EVAL_SETS: dict[tuple[Any, ...], list[Batch]] = {}
+
+
+def _eval_from(
+    cfg: TrainDraftConfig,
+    env: parallel.Dist,
+    model: Any,
+    dims: tuple[int, int],
+    step: int,
+    metrics: MetricsLog,
+) -> float:
+    """Simulated AL on --eval-from (another prompt source's records; loaded once)."""
+    batches = _eval_batches(cfg, dims)
+    ev = evaluate(cfg, env, model, batches)
+    metrics.write("eval_from", step, ev)
+    if env.is_main:
+        log(
+            f"[eval-from] step {step}: sim AL {ev['sim_al']:.3f} acc_0 {ev['acc_0']:.3f} "
+            f"on {sum(len(b.ids) for b in batches)} samples of {cfg.eval_from}"
+        )
+    return ev["sim_al"]
+
+
+def _eval_batches(cfg: TrainDraftConfig, dims: tuple[int, int]) -> list[Batch]:
+    """The first `max_eval` records of --eval-from as batches (loaded once per process)."""
+    from specctl.train.data import DirSource, load_batch
+
+    key = (cfg.eval_from, cfg.max_eval, cfg.batch_size, dims)
+    if key not in _EVAL_SETS:
+        items = DirSource(Path(str(cfg.eval_from)), *dims, 1.0, cfg.max_eval).heldout
+        n = cfg.batch_size
+        _EVAL_SETS[key] = [load_batch(items[a : a + n], *dims) for a in range(0, len(items), n)]
+    return _EVAL_SETS[key]

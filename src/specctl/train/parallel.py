@@ -67,7 +67,7 @@ def parallelize(model: nn.Module, env: Dist, precision: str, compile_layer: bool
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if compile_layer:  # the decoder layer; the head runs in the fused loss
+    if compile_layer and hasattr(model.draft, "midlayer"):  # EAGLE-3's decoder layer only
         model.draft.midlayer.compile()  # type: ignore[union-attr]
     mesh = init_device_mesh(env.device.type, (env.world,))
     mp = MixedPrecisionPolicy(
@@ -115,8 +115,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full: dict[str, Any] = dict(sd)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    # A tied parameter (MLP speculator tie_weights) is saved under every module slot, but
+    # DCP only shards the first name onto the mesh: drop the aliases (the first name loads
+    # the shared tensor) and keep strictness for everything else by hand.
+    first = {n for n, _ in model.named_parameters()}
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
+    full: dict[str, Any] = {k: v for k, v in sd.items() if k not in aliases}
+    opts = StateDictOptions(full_state_dict=True, strict=not aliases)
+    got = set_model_state_dict(model, full, options=opts)
+    missing = set(got.missing_keys) - aliases
+    if missing or got.unexpected_keys:
+        raise RuntimeError(
+            f"state dict mismatch: missing {sorted(missing)}, "
+            f"unexpected {sorted(got.unexpected_keys)}"
+        )
 
 
 def full_optimizer_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict:

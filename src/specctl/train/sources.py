@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from specctl.draft.eagle3 import Eagle3Config
+from specctl.draft.mlp import MLPSpeculatorConfig
 from specctl.errors import InputError, StoreError
 from specctl.train import parallel
 from specctl.train.checkpoint import TrainerState
@@ -33,9 +34,18 @@ from specctl.train.data import (
 )
 from specctl.train.run_config import TrainDraftConfig
 
+DraftConfig = Eagle3Config | MLPSpeculatorConfig
+
+
+def record_dims(dcfg: DraftConfig) -> tuple[int, int]:
+    """(H, aux layers the draft reads): an MLP speculator reads `last_hidden` only (0 aux)."""
+    if isinstance(dcfg, MLPSpeculatorConfig):
+        return dcfg.emb_dim, 0
+    return dcfg.target_hidden_size, dcfg.num_aux
+
 
 def open_source(
-    cfg: TrainDraftConfig, env: parallel.Dist, dcfg: Eagle3Config, out: Path, state: TrainerState
+    cfg: TrainDraftConfig, env: parallel.Dist, dcfg: DraftConfig, out: Path, state: TrainerState
 ) -> DirStream | StoreStream:
     if bool(cfg.from_dir) == bool(cfg.store):
         raise InputError("give exactly one of --store ADDR and --from-dir DIR")
@@ -51,10 +61,10 @@ def _batches(items: list[tuple[SampleId, Path]], n: int, dims: tuple[int, int]) 
 
 class DirStream:
     def __init__(
-        self, cfg: TrainDraftConfig, env: parallel.Dist, dcfg: Eagle3Config, state: TrainerState
+        self, cfg: TrainDraftConfig, env: parallel.Dist, dcfg: DraftConfig, state: TrainerState
     ) -> None:
         self.cfg, self.env, self.state = cfg, env, state
-        self.dims = (dcfg.target_hidden_size, dcfg.num_aux)
+        self.dims = record_dims(dcfg)
         self.src = DirSource(Path(str(cfg.from_dir)), *self.dims, cfg.heldout, cfg.max_heldout)
         self.start_samples, self.start_tokens = state.samples, state.tokens
         self._heldout: list[Batch] | None = None
@@ -101,14 +111,14 @@ class StoreStream:
         self,
         cfg: TrainDraftConfig,
         env: parallel.Dist,
-        dcfg: Eagle3Config,
+        dcfg: DraftConfig,
         out: Path,
         state: TrainerState,
     ) -> None:
         from specctl.store.client import Client
 
         self.cfg, self.env = cfg, env
-        self.dims = (dcfg.target_hidden_size, dcfg.num_aux)
+        self.dims = record_dims(dcfg)
         self.start_samples, self.start_tokens = state.samples, state.tokens
         self.heldout_dir = out / "heldout"
         self.heldout_dir.mkdir(exist_ok=True)
@@ -158,7 +168,9 @@ class StoreStream:
                 if not recs:
                     break
                 ids = [(g.descriptor.epoch, g.descriptor.index) for g in recs]
-                group.append(collate([g.record for g in recs], ids, handles=recs))
+                group.append(
+                    collate([g.record for g in recs], ids, handles=recs, with_aux=self.dims[1] > 0)
+                )
             if not group:
                 if not self._ever:
                     self._no_data()
@@ -213,7 +225,7 @@ class StoreStream:
                 loss_mask=r.loss_mask,
                 aux_hidden=r.aux_hidden,
                 last_hidden=r.last_hidden,
-                dtype=r.aux_hidden.dtype,
+                dtype=r.last_hidden.dtype,
             )
             write_atomic(self.heldout_dir / f"{d.epoch:08d}-{d.index:08d}.rec", buf.numpy().data)
         self.client.ack([got])
