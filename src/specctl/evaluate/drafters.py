@@ -1,4 +1,5 @@
-"""Drafters for `speculative_decode`: the EAGLE-3 draft (chain) and prompt lookup (n-gram).
+"""Drafters for `speculative_decode`: the EAGLE-3 draft (chain), the MLP speculator (chain of
+its heads) and prompt lookup (n-gram).
 
 EAGLE-3 pairs the target state g_t with the token x_{t+1}: after the target emits tokens the
 draft re-reads them together with the target's aux states (its own chain guesses are cropped
@@ -103,9 +104,9 @@ class Eagle3Drafter:
         """tokens [n], aux [n, k*H]: append n committed positions to the draft cache."""
         pos = self._positions(self.cache.length, tokens.numel())  # [1, n]
         hidden = self.draft.combine(aux[None])  # [1, n, H]
-        h = self.draft.step(tokens[None], hidden, pos, self.cache)  # [1, n, H]
+        h = self.draft.decode_step(tokens[None], hidden, pos, self.cache)  # [1, n, H]
         self._h = h[:, -1:]  # [1, 1, H]
-        self._logits = self.draft.logits(self._h)[0, 0].float()  # [Vd]: the last row only
+        self._logits = self.draft.decode_logits(self._h)[0, 0].float()  # [Vd]: last row only
 
     @torch.inference_mode()
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
@@ -143,3 +144,60 @@ class Eagle3Drafter:
             full = torch.zeros(n, self._vocab)  # [n, V]
             full[:, self._draft_to_target] = torch.stack(probs)
         return Proposal(tokens=tokens[:n], probs=full)
+
+
+class MLPDrafter:
+    """Chain drafting with an `MLPSpeculator`: head i proposes the chain's token i+1.
+
+    Head 0 reads the target's last post-norm hidden state at the last position it verified
+    and the token the target emitted from it (the verifier captures the final norm:
+    `Verifier(last_hidden=True)`); head i > 0 reads head i-1's state and guess. Nothing is
+    cached: every round starts from the newest target state, so rejected guesses need no
+    rollback. A chain is at most n_predict long (eval-accept caps --k there). Adaptive k
+    is `Eagle3Drafter`'s cumulative-confidence cut.
+    """
+
+    name = "mlp"
+    needs_aux = True  # "aux" = the final-norm hidden state [n, H] (Verifier last_hidden)
+
+    def __init__(self, draft: Any, adaptive_threshold: float = 0.0) -> None:
+        self.draft = draft.eval()
+        self.n_predict = int(draft.n_predict)
+        self.threshold = adaptive_threshold
+        self._state = torch.empty(0)  # [1, H] target state that emitted `_token`
+        self._token = torch.empty(0, dtype=torch.long)  # [1]
+
+    def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
+        assert aux is not None
+        self._state, self._token = aux[-1:], torch.tensor([first])  # the prefill's last row
+
+    def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
+        assert aux is not None  # aux[j] emitted tokens[j]: the last pair feeds head 0
+        self._state, self._token = aux[-1:], tokens[-1:].long()
+
+    @torch.inference_mode()
+    def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
+        steps = min(k, self.n_predict)
+        state, tok = self._state, self._token  # [1, H], [1]
+        tokens = torch.empty(steps, dtype=torch.long)  # [k'] target ids (full vocab)
+        probs: list[torch.Tensor] = []  # [V] each, sampling only
+        conf, n = 1.0, 0
+        for i in range(steps):
+            # 1. Head i on (previous state, previous token) -> logits over the target vocab.
+            logits, state = self.draft.step(state, tok, i)  # [1, V], [1, D]
+            lg = logits[0].float()  # [V]
+            if temperature > 0:
+                q = torch.softmax(lg / temperature, dim=-1)  # [V]
+                d = torch.multinomial(q, 1, generator=gen)[0]
+            else:
+                d = lg.argmax()
+            # 2. Adaptive k: stop before a token the draft itself doubts.
+            if self.threshold > 0:
+                conf *= float(q[d] if temperature > 0 else torch.softmax(lg, -1)[d])
+                if conf < self.threshold:
+                    break
+            tokens[i] = d
+            if temperature > 0:
+                probs.append(q)
+            n, tok = i + 1, tokens[i : i + 1]  # 3. the guess feeds the next head
+        return Proposal(tokens=tokens[:n], probs=torch.stack(probs) if probs else None)

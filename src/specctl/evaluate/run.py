@@ -42,6 +42,7 @@ class EvalConfig:
     check_lossless: bool = False
     out: str = "eval-accept"
     threads: int | None = None
+    engine: str = "hf"  # "vllm": also decode in vLLM, its AL beside ours (vllm_engine.py)
 
 
 @dataclass
@@ -65,11 +66,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise UsageError("--check-lossless compares greedy outputs: use --temperature 0")
     if cfg.tree and (cfg.temperature > 0 or not cfg.draft):
         raise UsageError("--tree needs --draft and greedy decoding (--temperature 0)")
-    _check_writable(Path(cfg.out))
     if cfg.draft:  # a wrong --draft fails before the target loads
-        from specctl.export.io import resolve_dir
+        from specctl.evaluate.setup import check_draft_family
 
-        resolve_dir(Path(cfg.draft))
+        check_draft_family(cfg)
+    if cfg.engine != "hf":
+        from specctl.evaluate import vllm_engine
+
+        vllm_engine.check_config(cfg)
+    _check_writable(Path(cfg.out))
     threads = torch.get_num_threads()
     if cfg.threads:  # 1 is much faster for tiny models on a busy box (OpenMP spin-waits)
         torch.set_num_threads(cfg.threads)
@@ -92,7 +97,10 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
 
     target, tokenizer, model_path = setup.load_target(cfg.model)
     drafters = setup.build_drafters(cfg, target, model_path)
-    verifier = Verifier(target, setup.aux_layers_for(drafters, target))
+    cfg = setup.cap_k(cfg, drafters)
+    verifier = Verifier(
+        target, setup.aux_layers_for(drafters, target), last_hidden="mlp" in drafters
+    )
     prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
     eos = setup.eos_ids(tokenizer, target)
     names = ["target", *drafters]
@@ -109,7 +117,12 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
     mismatches = _lossless(cfg, results, drafters)
     rows = {n: metrics.summarize(results[n], cfg.k) for n in names}
     metrics.add_speedups(rows)
-    return _write(cfg, rows, results, prompts, mismatches, model_path)
+    agreement = None
+    if cfg.engine == "vllm":  # vLLM's own AL for the same draft and prompts, beside ours
+        from specctl.evaluate import vllm_engine
+
+        agreement = vllm_engine.add_row(cfg, rows, results, prompts, eos, model_path)
+    return _write(cfg, rows, results, prompts, mismatches, model_path, agreement)
 
 
 def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos: tuple[int, ...]):
@@ -174,6 +187,7 @@ def _write(
     prompts: list[EvalPrompt],
     mismatches: dict[str, int],
     model_path: Path,
+    agreement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cats = sorted({p.category for p in prompts if p.category})
     by_cat = {
@@ -194,11 +208,16 @@ def _write(
         "rows": rows,
         "categories": by_cat,
         "lossless_mismatches": mismatches,
+        **({"engine_agreement": agreement} if agreement else {}),
     }
     report.write_json(full, json_path)
     report.write_plot(rows, cfg.k, png_path)
-    for line in report.table(rows):
+    for line in report.table({n: r for n, r in rows.items() if r["time_ms_per_round"]}):
         log(line)
+    if agreement:
+        from specctl.evaluate.vllm_engine import log_comparison
+
+        log_comparison(agreement, rows["vllm"])
     main = next((n for n in rows if n != "target"), "target")
     return {
         "drafter": main,
@@ -220,4 +239,5 @@ def _write(
         "prompts": len(prompts),
         "report": str(json_path),
         "plot": str(png_path),
+        **({"engine_agreement": agreement} if agreement else {}),
     }

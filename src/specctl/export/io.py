@@ -1,9 +1,10 @@
-"""Read any EAGLE-3 draft directory (specctl checkpoint, SGLang, speculators, hf) into one form.
+"""Read any draft directory (specctl checkpoint, SGLang, speculators, hf, vLLM MLP) into one form.
 
 Every reader returns SGLang tensor names (`midlayer.*`, the names `Eagle3Draft` uses), so
 export, import and eval-accept share one loader. A directory holds `config.json` and
 `model.safetensors` (or sharded `model-*.safetensors`). Drafts without `embed_tokens.weight`
 (SGLang / speculators exports) get the target's embedding at load time, as the engines do.
+MLP speculator drafts (`family == "mlp"`) come back in vLLM's names (`export.mlp`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from specctl.errors import CheckpointError, InputError
-from specctl.export import layout
+from specctl.export import layout, mlp
 from specctl.export.formats import config_kind, parse_config
 
 CONFIG = "config.json"
@@ -26,11 +27,12 @@ TRAINER_WEIGHTS = "draft.safetensors"  # train-draft checkpoints (train/checkpoi
 
 @dataclass
 class DraftFiles:
-    cfg: Any  # Eagle3Config
-    state: dict[str, torch.Tensor]  # SGLang names
-    kind: str  # "specctl" | "sglang" | "speculators"
+    cfg: Any  # Eagle3Config, or MLPSpeculatorConfig when family == "mlp"
+    state: dict[str, torch.Tensor]  # SGLang names (mlp: vLLM names, tied slots once)
+    kind: str  # "specctl" | "sglang" | "speculators" | "vllm" (mlp)
     aux_layers: list[int] | None = None  # 0-based decoder layer ids; None = the default
     meta: dict[str, Any] = field(default_factory=dict)  # the raw config.json
+    family: str = "eagle3"  # "eagle3" | "mlp"
 
 
 def resolve_dir(path: Path) -> Path:
@@ -47,14 +49,31 @@ def resolve_dir(path: Path) -> Path:
     return path
 
 
+def _read_config(root: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((root / CONFIG).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {root / CONFIG}: {e}") from None
+
+
+def family_of(path: Path | str) -> str:
+    """The draft family, eagle3 or mlp, from config.json alone (before any model loads)."""
+    meta = _read_config(resolve_dir(Path(path)))
+    return mlp.FAMILY if mlp.is_mlp_config(meta) else "eagle3"
+
+
 def read_draft_dir(path: Path | str) -> DraftFiles:
     root = resolve_dir(Path(path))
-    try:
-        meta = json.loads((root / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {root / CONFIG}: {e}") from None
+    meta = _read_config(root)
     if (root / TRAINER_WEIGHTS).is_file():
+        if mlp.draft_family(meta) == mlp.FAMILY:
+            return _read_mlp_checkpoint(root, meta)
         return _read_trainer_checkpoint(root, meta)
+    if mlp.is_mlp_config(meta):
+        cfg = mlp.parse_config(meta)
+        kind = "specctl" if mlp.draft_family(meta) == mlp.FAMILY else "vllm"
+        state = mlp.canonical(_read_weights(root), cfg, str(root))
+        return DraftFiles(cfg=cfg, state=state, kind=kind, meta=meta, family=mlp.FAMILY)
     cfg, aux = parse_config(meta)
     state = _read_weights(root)
     kind = config_kind(meta)
@@ -83,6 +102,23 @@ def _read_trainer_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
         aux_layers=None,
         meta=meta,
     )
+
+
+def _read_mlp_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
+    """train-draft --draft mlp: shape from the run config + target, weights in vLLM names."""
+    from safetensors.torch import load_file
+
+    from specctl.config import from_dict
+    from specctl.target.models import resolve_model
+    from specctl.train.mlp_setup import mlp_config
+    from specctl.train.run_config import TrainDraftConfig
+
+    run_cfg = from_dict(TrainDraftConfig, run)
+    target_dir = resolve_model(run_cfg.target)
+    cfg = mlp_config(run_cfg, target_dir)
+    state = mlp.canonical(load_file(str(root / TRAINER_WEIGHTS)), cfg, str(root))
+    meta = {**run, "target_model": str(target_dir)}
+    return DraftFiles(cfg=cfg, state=state, kind="specctl", meta=meta, family=mlp.FAMILY)
 
 
 def _read_weights(root: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ Layouts (details and sources in docs/export.md):
   loads too; `embed_tokens` is left out (both engines use the target's).
 - `speculators`: vLLM's speculators format (`layers.0.*` names, nested config).
 - `hf`: the SGLang layout plus `embed_tokens.weight`: self-contained, no target needed to load.
-Every output is validated before writing and re-read and compared after.
+MLP speculator drafts (`--draft mlp`) have one layout, vLLM's `MLPSpeculatorPreTrainedModel`
+(`--to vllm`; `export.mlp`). Every output is validated before writing and re-read and compared
+after.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from specctl.errors import CheckpointError, UsageError
-from specctl.export import layout
+from specctl.export import layout, mlp
 from specctl.export.formats import DTYPE_NAMES, sglang_config, speculators_config
 from specctl.export.io import DraftFiles, read_draft_dir, write_dir
 
@@ -24,14 +26,25 @@ LAYOUTS = ("sglang", "vllm", "speculators", "hf")
 
 
 def export_draft(
-    ckpt: Path, to: str, out: Path, *, verifier: str | None = None, speculative_tokens: int = 4
+    ckpt: Path,
+    to: str | None,
+    out: Path,
+    *,
+    verifier: str | None = None,
+    speculative_tokens: int = 4,
 ) -> dict[str, Any]:
-    """Write `ckpt` as layout `to` into `out`; returns a summary for the JSON line."""
-    if to not in LAYOUTS:
+    """Write `ckpt` as layout `to` into `out`; returns a summary for the JSON line.
+
+    `to` None: the family's default layout (EAGLE-3: sglang, MLP speculator: vllm).
+    """
+    if to is not None and to not in LAYOUTS:
         raise UsageError(f"unknown export layout {to!r}", f"one of: {', '.join(LAYOUTS)}")
     if speculative_tokens < 1:
         raise UsageError(f"--k must be at least 1, got {speculative_tokens}")
     src = read_draft_dir(ckpt)
+    if src.family == mlp.FAMILY:
+        return _export_mlp(src, ckpt, to or "vllm", out)
+    to = to or "sglang"
     cfg, state = src.cfg, dict(src.state)
     embed = to == "hf"
     if embed and layout.EMBED not in state:
@@ -79,6 +92,10 @@ def export_draft(
 def import_eagle3(src_dir: Path, out: Path, *, embed: torch.Tensor | None = None) -> dict[str, Any]:
     """An SGLang / SpecForge / speculators EAGLE-3 dir -> a specctl checkpoint dir (warm start)."""
     src = read_draft_dir(src_dir)
+    if src.family == mlp.FAMILY:
+        raise UsageError(
+            f"{src_dir} is an MLP speculator, not EAGLE-3", "use --from-mlp-speculator"
+        )
     if src.kind == "specctl":
         raise UsageError(f"{src_dir} is already a specctl checkpoint")
     state = dict(src.state)
@@ -95,6 +112,59 @@ def import_eagle3(src_dir: Path, out: Path, *, embed: torch.Tensor | None = None
         "draft_vocab_size": src.cfg.draft_vocab_size,
         "has_embed": layout.EMBED in state,
     }
+
+
+def import_mlp(src_dir: Path, out: Path) -> dict[str, Any]:
+    """A vLLM / fms-extras `MLPSpeculatorPreTrainedModel` dir -> a specctl MLP draft dir."""
+    src = read_draft_dir(src_dir)
+    if src.family != mlp.FAMILY:
+        raise UsageError(f"{src_dir} is not an MLP speculator", "use --from-eagle3")
+    if src.kind == "specctl":
+        raise UsageError(f"{src_dir} is already a specctl draft")
+    mlp.validate(src.state, src.cfg, str(src_dir))
+    config = {"draft_family": mlp.FAMILY, **src.cfg.to_dict(), "imported_from": src.kind}
+    write_dir(out, config, src.state)
+    _check_mlp_roundtrip(out, src.cfg, src.state)
+    return {
+        "out": str(out),
+        "imported_from": src.kind,
+        "family": mlp.FAMILY,
+        "tensors": len(src.state),
+        "n_predict": src.cfg.n_predict,
+    }
+
+
+def _export_mlp(src: DraftFiles, ckpt: Path, to: str, out: Path) -> dict[str, Any]:
+    """An MLP speculator -> vLLM's `MLPSpeculatorPreTrainedModel` dir (its only serving layout)."""
+    if to != "vllm":
+        raise UsageError(
+            f"--to {to} has no MLP speculator layout: export MLP drafts with --to vllm",
+            "SGLang has no MLP speculator loader; speculators and hf are EAGLE-3 layouts",
+        )
+    state = dict(src.state)
+    mlp.validate(state, src.cfg, str(ckpt))
+    dtype = DTYPE_NAMES[str(state["head.0.weight"].dtype)]
+    write_dir(out, mlp.vllm_config(src.cfg, dtype), state)
+    _check_mlp_roundtrip(out, src.cfg, state)
+    return {
+        "out": str(out),
+        "layout": to,
+        "family": mlp.FAMILY,
+        "tensors": len(state),
+        "dtype": dtype,
+        "n_predict": src.cfg.n_predict,
+        "vocab_size": src.cfg.vocab_size,
+    }
+
+
+def _check_mlp_roundtrip(out: Path, cfg: Any, state: dict[str, torch.Tensor]) -> None:
+    back = read_draft_dir(out)
+    if back.family != mlp.FAMILY or back.cfg != cfg:
+        raise CheckpointError(f"re-reading {out} gave a different config: {back.cfg} != {cfg}")
+    mlp.validate(back.state, back.cfg, str(out))
+    for k, v in state.items():
+        if not torch.equal(back.state[k], v):
+            raise CheckpointError(f"re-reading {out}: tensor {k} differs from the checkpoint")
 
 
 def _verifier_fields(src: DraftFiles, verifier: str | None) -> dict[str, str]:
