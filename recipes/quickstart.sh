@@ -16,12 +16,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SPECCTL=("$PY" -m specctl.cli)
 OUT=${DEMO_OUT:-runs/demo}
-SAMPLES=${DEMO_SAMPLES:-64}
+SAMPLES=${DEMO_SAMPLES:-192}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-32}
 STEPS=${DEMO_STEPS:-$((SAMPLES * 45 / 100))}  # one pass: ~all trainable samples, 2 ranks x 1
 VOCAB=${DEMO_VOCAB:-8192}
 TTT=${DEMO_TTT:-3}
-EVAL_PROMPTS=${DEMO_EVAL_PROMPTS:-4}
+EVAL_PROMPTS=${DEMO_EVAL_PROMPTS:-6}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-32}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export PYTHONUNBUFFERED=1
@@ -58,7 +58,7 @@ PRODUCER=$!
 "${SPECCTL[@]}" train-draft --store "$STORE" --target smollm2-135m --out "$OUT/train" \
 	--nproc 2 --draft-vocab-size "$VOCAB" --ttt-length "$TTT" --max-steps "$STEPS" \
 	--batch-size 1 --lr 5e-4 --max-wait 120 --set draft.vocab_records=32 \
-	--set optim.warmup_steps=10 --set eval_every=1000000 --set save_every=50 \
+	--set heldout=0.1 --set optim.warmup_steps=10 --set eval_every=1000000 --set save_every=50 \
 	--set log_every=10 >"$OUT/train-draft.json" &
 PIDS+=($!)
 TRAINER=$!

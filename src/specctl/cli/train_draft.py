@@ -101,9 +101,12 @@ def command(
     summary = train_draft(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         stop = ", stopped early" if summary.get("stopped_early") else ""
+        # an evaluated AL is >= 1; 0.0 means no held-out sample reached this trainer
+        al = f"{summary['heldout_al']:.3f}" if summary["heldout_al"] else "n/a (none held out)"
+        best = f"{summary['best_al']:.3f}" if summary["best_al"] else "n/a"
         log(
-            f"done: {summary['steps']} steps{stop}, held-out sim AL {summary['heldout_al']:.3f}; "
-            f"best {summary['best_al']:.3f} ({summary['best_by']}) at step {summary['best_step']}"
+            f"done: {summary['steps']} steps{stop}, held-out sim AL {al}; "
+            f"best {best} ({summary['best_by']}) at step {summary['best_step']}"
         )
         emit_summary(summary)
 
