@@ -44,8 +44,14 @@ def status(store: str) -> dict:
     return json.loads(run_cli("store", "status", "--store", store, check=True).stdout)
 
 
-def assert_drained(s: dict, n: int) -> None:
-    assert (s["inflight_bytes"], s["inflight_records"], s["queued"], s["objects"]) == (0, 0, 0, 0)
+def assert_drained(s: dict, n: int, killed_put_bytes: int = 0) -> None:
+    """Nothing left in flight. `killed_put_bytes`: a producer was killed -9, and a kill inside
+    the few round trips between its reservation note and its counter updates can leave the
+    put counters off by that one put (supervisor.py docstring); objects, queue, gets and acks
+    stay exact."""
+    assert (s["queued"], s["objects"]) == (0, 0)
+    assert abs(s["inflight_records"]) <= (1 if killed_put_bytes else 0), s
+    assert abs(s["inflight_bytes"]) <= killed_put_bytes, s
     assert s["gets"] == s["acks"] == n
 
 
@@ -86,10 +92,11 @@ def test_killed_producer_loses_and_repeats_nothing(tmp_path: Path) -> None:
         survived = finish(survivor)
         assert Counter(got) == Counter(range(n))  # exactly once, despite the kill
         s = status(store)
-        assert_drained(s, n)
+        assert_drained(s, n, killed_put_bytes=s["put_bytes"] // max(s["puts"], 1) + 1)
         # claims kept re-issued seqs from being put twice, but for a kill between push and
-        # mark (a microsecond window), whose repeat the consumer dropped
-        assert s["puts"] - s["repeats_dropped"] == n and s["repeats_dropped"] <= 1
+        # mark (a microsecond window), whose repeat the consumer dropped; `puts` itself may be
+        # off by the killed put (see assert_drained)
+        assert abs(s["puts"] - s["repeats_dropped"] - n) <= 1 and s["repeats_dropped"] <= 1
         assert s["requeued"] >= 1 and survived["published"], (s, len(survived["published"]))
 
 

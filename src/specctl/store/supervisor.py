@@ -6,6 +6,11 @@ clients' clocks do not matter. A producer silent for `lease_ttl_s` is declared d
    put counters go back down and the object is force-removed;
 2. its publication claims on its leased seqs that are not marked published are dropped;
 3. its lease (`lease/<id>`, the seqs it had not finished) goes back to `q/returned`.
+Known gap: the reservation note and the four counter updates of a put are separate TCPStore
+round trips (TCPStore has no multi-key add), so a kill inside those few round trips makes
+the undo of step 1 over- or under-correct the put counters by that one put. Samples stay
+exactly-once and the object is removed; only back-pressure accounting is off by one record
+until the store restarts.
 If it was only slow and publishes after all, the consumers' delivery claim
 (`got/<epoch>/<index>`) still hands each sample out once.
 
