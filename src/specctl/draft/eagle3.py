@@ -476,13 +476,8 @@ def load_target_rows(model_dir: Path | str) -> tuple[torch.Tensor, torch.Tensor]
     from specctl.errors import InputError
 
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (root / "model.safetensors").is_file():
-        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
-    else:
+    weight_map = _weight_map(root)
+    if weight_map is None:
         raise InputError(f"no safetensors weights in {root}", "pass a local HF model folder")
 
     def read(name: str) -> torch.Tensor:
@@ -499,18 +494,26 @@ def load_target_rows(model_dir: Path | str) -> tuple[torch.Tensor, torch.Tensor]
     return embed, head
 
 
+def _weight_map(root: Path) -> dict[str, str] | None:
+    """Tensor name -> safetensors file of a HF folder (sharded or not); None without weights."""
+    from safetensors import safe_open
+
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    if (root / "model.safetensors").is_file():
+        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+            return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+    return None
+
+
 def load_target_norm(model_dir: Path | str) -> torch.Tensor | None:
     """The target's final RMSNorm weight [H] (`model.norm.weight`), or None if it has none."""
     from safetensors import safe_open
 
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (root / "model.safetensors").is_file():
-        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
-    else:
+    weight_map = _weight_map(root)
+    if weight_map is None:
         return None
     key = next((k for k in ("model.norm.weight", "norm.weight") if k in weight_map), None)
     if key is None:
