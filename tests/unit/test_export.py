@@ -207,8 +207,13 @@ def test_import_refuses_eagle31_flags(tmp_path: Path) -> None:
         import_eagle3(tmp_path / "served", tmp_path / "warm")
 
 
-def test_reads_train_draft_checkpoint(tmp_path: Path) -> None:
-    """A run dir written by train/checkpoint.py itself: its `latest` exports and loads."""
+@pytest.mark.parametrize("written", [64, "auto"])
+def test_reads_train_draft_checkpoint(tmp_path: Path, written: int | str) -> None:
+    """A run dir written by train/checkpoint.py itself: its `latest` exports and loads.
+
+    With `--draft-vocab-size auto` the run config keeps "auto" (resume re-reads the mapping);
+    the size the trainer chose is the weights' (64 here, not the 96 "auto" alone would give).
+    """
     import dataclasses
 
     from specctl.draft.vocab import VocabMapping
@@ -226,7 +231,9 @@ def test_reads_train_draft_checkpoint(tmp_path: Path) -> None:
     draft = Eagle3Draft(dcfg)
     m = build_mapping(torch.randint(0, 50, (dcfg.vocab_size,)), 64)
     draft.set_vocab(m.d2t, m.t2d)
-    (tmp_path / "run.json").write_text(json.dumps(dataclasses.asdict(run)))
+    as_written = dataclasses.asdict(run)
+    as_written["draft"]["draft_vocab_size"] = written
+    (tmp_path / "run.json").write_text(json.dumps(as_written))
     VocabMapping(m.d2t, m.t2d, m.counts).save(tmp_path / "vocab.safetensors")
     write_checkpoint(
         tmp_path / "run",
@@ -237,7 +244,7 @@ def test_reads_train_draft_checkpoint(tmp_path: Path) -> None:
         tmp_path / "vocab.safetensors",
         best=False,
     )
-    (tmp_path / "run/config.json").write_text(json.dumps(dataclasses.asdict(run)))  # as the trainer
+    (tmp_path / "run/config.json").write_text(json.dumps(as_written))  # as the trainer
     files = read_draft_dir(tmp_path / "run")
     assert files.cfg == dcfg and files.meta["target_num_layers"] == 8
     export_draft(tmp_path / "run", "sglang", tmp_path / "out")

@@ -95,9 +95,13 @@ def _read_trainer_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
     target_dir = resolve_model(cfg.target)
     layers = json.loads((target_dir / CONFIG).read_text()).get("num_hidden_layers")
     meta = {**run, "target_model": str(target_dir), "target_num_layers": layers}
+    dcfg, state = draft_config(cfg, target_dir), load_file(str(root / TRAINER_WEIGHTS))
+    if cfg.draft.draft_vocab_size == "auto" and "d2t" in state:
+        # the run config keeps "auto"; the size the trainer chose is in the weights
+        dcfg.draft_vocab_size = int(state["d2t"].shape[0])
     return DraftFiles(
-        cfg=draft_config(cfg, target_dir),
-        state=load_file(str(root / TRAINER_WEIGHTS)),
+        cfg=dcfg,
+        state=state,
         kind="specctl",
         aux_layers=None,
         meta=meta,
