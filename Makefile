@@ -44,8 +44,7 @@ bench: setup
 # The demo pipeline with a longer budget (more regenerated samples, more steps, TTT 5, a
 # larger MT-Bench eval). Not yet measured end to end: expect well over an hour on 2 cores.
 bench-quality: setup
-	DEMO_OUT=runs/bench-quality DEMO_SAMPLES=1500 DEMO_NEW_TOKENS=128 DEMO_TTT=5 \
-	DEMO_EVAL_PROMPTS=16 DEMO_EVAL_TOKENS=128 bash recipes/quickstart.sh
+	bash recipes/bench-quality.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

@@ -14,7 +14,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-SPECCTL=("$PY" -m specctl.cli)
 OUT=${DEMO_OUT:-runs/demo}
 SAMPLES=${DEMO_SAMPLES:-192}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-32}
@@ -27,25 +26,12 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=
 export PYTHONUNBUFFERED=1
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-STATE="$OUT/store-state"
-T0=$(date +%s)
-stage() { echo -e "\n[demo] $(($(date +%s) - T0))s  $*" >&2; }
-field() { "$PY" -c "import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print(eval(sys.argv[2], {}, d))" "$@"; }
+RECIPE=demo
+source recipes/lib.sh
 
-# 1. the store; stopped on any exit, failure included (no orphan master / control plane)
+# 1. the store (stopped on any exit, see lib.sh)
 stage "store up"
-"${SPECCTL[@]}" store up --detach --capacity 1GiB --state-dir "$STATE" >"$OUT/store.json"
-STORE=$(field "$OUT/store.json" address)
-PIDS=()
-cleanup() {
-	rc=$?
-	for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-	"${SPECCTL[@]}" store down --store "$STORE" --state-dir "$STATE" >/dev/null 2>&1 || true
-	[ $rc -ne 0 ] && echo "[demo] FAILED (exit $rc) after $(($(date +%s) - T0))s; logs in $OUT" >&2
-	exit $rc
-}
-trap cleanup EXIT
-echo "[demo] store at $STORE" >&2
+store_up 1GiB
 
 # 2. producer and trainer, concurrently (the trainer stops after --max-steps or when the
 #    producer is done and nothing arrives for --max-wait seconds)
@@ -78,8 +64,7 @@ stage "export (sglang)"
 "${SPECCTL[@]}" export "$OUT/train" --to sglang "$OUT/export-sglang" >"$OUT/export.json"
 
 stage "store down"
-"${SPECCTL[@]}" store down --store "$STORE" --state-dir "$STATE" >/dev/null
-trap - EXIT
+store_down
 
 # 5. where everything went, and the headline numbers (whatever they are)
 WALL=$(($(date +%s) - T0))
