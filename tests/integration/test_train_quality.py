@@ -109,3 +109,5 @@ def test_patience_stops_early_and_keeps_the_best(setup: dict[str, Path], tmp_pat
     assert (s["best_step"], s["steps"]) == (2, 6)
     assert (out / "best").resolve().name == "step-00000002"
     assert 0 < s["eval_from_coverage"] <= 1 and s["draft_vocab_size"] == 64
+    # coverage measured out of sample (the counted half not used for ranking), beside it
+    assert 0 < s["vocab_coverage_split"] <= 1

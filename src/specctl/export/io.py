@@ -87,6 +87,7 @@ def _read_trainer_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
     from safetensors.torch import load_file
 
     from specctl.config import from_dict
+    from specctl.draft.eagle3 import Eagle3Config
     from specctl.target.models import resolve_model
     from specctl.train.run_config import TrainDraftConfig
     from specctl.train.setup import draft_config
@@ -96,7 +97,7 @@ def _read_trainer_checkpoint(root: Path, run: dict[str, Any]) -> DraftFiles:
     layers = json.loads((target_dir / CONFIG).read_text()).get("num_hidden_layers")
     meta = {**run, "target_model": str(target_dir), "target_num_layers": layers}
     dcfg, state = draft_config(cfg, target_dir), load_file(str(root / TRAINER_WEIGHTS))
-    if cfg.draft.draft_vocab_size == "auto" and "d2t" in state:
+    if isinstance(dcfg, Eagle3Config) and cfg.draft.draft_vocab_size == "auto":
         # the run config keeps "auto"; the size the trainer chose is in the weights
         dcfg.draft_vocab_size = int(state["d2t"].shape[0])
     return DraftFiles(

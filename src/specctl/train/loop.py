@@ -85,14 +85,21 @@ def _run(cfg: TrainDraftConfig, env: parallel.Dist) -> dict[str, Any]:
         if env.is_main:
             save_config(cfg, out / "config.json")
             log(
-                f"draft {cfg.draft_family}: {mapping.draft_vocab_size} draft tokens (coverage "
-                f"{mapping.coverage():.3f}), world {env.world}, start step {state.step}"
+                f"draft {cfg.draft_family}: {mapping.draft_vocab_size} draft tokens "
+                f"({_coverage_words(mapping)}), world {env.world}, start step {state.step}"
             )
         summary = _loop(cfg, env, out, model, optim, sched, state, source)
         summary.update(_vocab_summary(cfg, mapping, source.dims))
         return summary
     finally:
         source.close()
+
+
+def _coverage_words(mapping: Any) -> str:
+    """In-sample coverage is 1.0 whenever the vocab outnumbers the distinct ids counted."""
+    words = f"covers {mapping.coverage():.3f} of the counted tokens"
+    held = mapping.info.get("vocab_coverage_split")
+    return words if held is None else f"{words}, {held:.3f} of a held-out half"
 
 
 def _vocab_summary(cfg: TrainDraftConfig, mapping: Any, dims: tuple[int, int]) -> dict[str, Any]:

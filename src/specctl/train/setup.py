@@ -24,6 +24,7 @@ from specctl.draft.vocab import (
     build_mapping,
     choose_vocab_size,
     count_tokens_split,
+    coverage_curve,
 )
 from specctl.errors import InputError
 from specctl.train import parallel
@@ -139,6 +140,8 @@ def resolve_vocab(
         }
         if int(counts.sum()):  # coverage (held-out half) + model speed-up per candidate size
             mapping.info["vocab_candidates"] = table
+            n = mapping.draft_vocab_size  # in-sample coverage is 1.0 past the distinct ids seen
+            mapping.info["vocab_coverage_split"] = coverage_curve(halves[0], [n], halves[1])[n]
     dcfg.draft_vocab_size = mapping.draft_vocab_size
     if env.is_main:
         mapping.save(out / "vocab.safetensors")
