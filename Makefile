@@ -41,8 +41,8 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run.py
 
-# The demo pipeline with a longer budget (more regenerated samples, more steps, TTT 5, a
-# larger MT-Bench eval). Not yet measured end to end: expect well over an hour on 2 cores.
+# The pipeline at scale (recipes/README.md): held-out prompt source, coverage-sized vocab,
+# 2 producers || 2 trainer ranks, MT-Bench chain/tree/prompt lookup. ~94 min on an idle 2-core box.
 bench-quality: setup
 	bash recipes/bench-quality.sh
 

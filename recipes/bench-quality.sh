@@ -70,7 +70,7 @@ PRODUCERS=("${PIDS[@]}")
 	>"$OUT/train-draft.json" &
 PIDS+=($!)
 TRAINER=$!
-wait "${PRODUCERS[@]}"
+for p in "${PRODUCERS[@]}"; do wait "$p"; done  # one by one: `wait A B` reports only B's exit
 stage "serve-target done; waiting for train-draft"
 wait "$TRAINER"
 PIDS=()
