@@ -2,11 +2,14 @@
 
 On SmolLM2-135M (`smollm2-135m`) in ONE run:
 
-- `verify_cost`: one target forward of q new tokens on a ~300-token cache, q = 1..8, each
-  relative to q=1 (a plain decode step). Justifies padding verify to q = 5 / 8 on this machine.
+- `verify_cost`: one target forward of q new tokens on a ~300-token cache, q = 1..8, with
+  the skinny linears (`specctl.skinny`, eval-accept's default) and with plain `F.linear`,
+  interleaved; each relative to the `F.linear` q=1 step and to its own q=1. Picks the
+  shapes worth padding verify to on this machine, for each path.
 - `round`: per-round draft / verify / overhead (bookkeeping: accept, crop, emit) ms and
   their ratio to the plain decode step, for a random 8k-vocab EAGLE-3 draft (optionally
-  with adaptive k) and for prompt lookup; the target alone gives the step.
+  with adaptive k) and for prompt lookup; the target alone gives the step. A `target-mkl`
+  row decodes with `F.linear` instead of the skinny linears: the skinny gain, same run.
 
 Variants are interleaved per prompt in rotating order; medians of per-call times are kept.
 On an oversubscribed box (1-min load > cores) torch runs with 1 thread (OpenMP spin-waits
@@ -55,30 +58,45 @@ def random_draft(target: Any, draft_vocab: int = 8192, seed: int = 0) -> Any:
 
 
 def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
-    """Median ms of a q-token forward (q = 1..8) on `context`'s cache, shuffled, rel. to q=1."""
+    """Median ms of a q-token forward (q = 1..8) on `context`'s cache, skinny linears on and
+    off, all shuffled together; ratios to the F.linear q=1 step and to the same path's q=1."""
+    from specctl.skinny import use_skinny_linears
+
     verifier.reset()
     verifier.forward(context)
     n0 = verifier.length
-    times: dict[int, list[float]] = {q: [] for q in range(1, 9)}
-    order = [q for _ in range(reps) for q in range(1, 9)]
+    cells = [(sk, q) for sk in (True, False) for q in range(1, 9)]
+    times: dict[tuple[bool, int], list[float]] = {c: [] for c in cells}
+    order = cells * reps
     random.Random(0).shuffle(order)
     ids = torch.randint(0, 1000, (8,))
-    for q in order:
+    for sk, q in order:
+        use_skinny_linears(verifier.model, sk)
         t = time.perf_counter()
         logits, _ = verifier.forward(ids[:q], aux=True)
         logits.argmax(-1)
-        times[q].append(time.perf_counter() - t)
+        times[(sk, q)].append(time.perf_counter() - t)
         verifier.crop(verifier.length - n0)
-    med = {q: statistics.median(ts) * 1e3 for q, ts in times.items()}
-    # the cheapest q >= n for every n real positions: the shapes worth padding to here
-    shapes = sorted({min(range(n, 9), key=med.__getitem__) for n in range(2, 9)})
-    return [
-        *(
-            {"bench": "verify_cost", "q": q, "ms": round(ms, 2), "ratio": round(ms / med[1], 3)}
-            for q, ms in med.items()
-        ),
-        {"bench": "verify_shapes", "shapes": shapes, "threads": torch.get_num_threads()},
-    ]
+    use_skinny_linears(verifier.model, verifier.skinny)
+    med = {c: statistics.median(ts) * 1e3 for c, ts in times.items()}
+    rows: list[dict] = []
+    for sk in (True, False):
+        own = {q: med[(sk, q)] for q in range(1, 9)}
+        rows += [
+            {
+                "bench": "verify_cost",
+                "skinny": sk,
+                "q": q,
+                "ms": round(ms, 2),
+                "ratio": round(ms / own[1], 3),  # to this path's own decode step
+                "vs_mkl_step": round(ms / med[(False, 1)], 3),
+            }
+            for q, ms in own.items()
+        ]
+        # the cheapest q >= n for every n real positions: the shapes worth padding to here
+        shapes = sorted({min(range(n, 9), key=own.__getitem__) for n in range(2, 9)})
+        rows.append({"bench": "verify_shapes", "skinny": sk, "shapes": shapes})
+    return rows
 
 
 def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[str, Any]:
@@ -108,18 +126,26 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     from specctl.evaluate import metrics, setup
     from specctl.evaluate.specdec import speculative_decode, target_decode
     from specctl.evaluate.verifier import Verifier
+    from specctl.skinny import use_skinny_linears
 
     target, tok, model_path = setup.load_target("smollm2-135m")
     drafters = _variants(args, target, model_path)
     verifier = Verifier(target)
-    prompts = [p.ids for p in setup.load_eval_prompts("mtbench", tok, args.prompts)]
-    rows = verify_curve(verifier, torch.cat(prompts)[:300], args.reps)
-    names = ["target", *drafters]
+    prompts = [p.ids for p in setup.load_eval_prompts(args.data, tok, args.prompts)]
+    context = torch.cat([p.ids for p in setup.load_eval_prompts("mtbench", tok, 3)])[:300]
+    rows = verify_curve(verifier, context, args.reps)
+    names = ["target", "target-mkl", *drafters]
     res: dict[str, list[Any]] = {n: [] for n in names}
 
     def decode(name: str, ids: torch.Tensor, new: int) -> Any:
         if name == "target":
             return target_decode(verifier, ids, max_new_tokens=new)
+        if name == "target-mkl":  # the same decode through F.linear
+            use_skinny_linears(target, False)
+            try:
+                return target_decode(verifier, ids, max_new_tokens=new)
+            finally:
+                use_skinny_linears(target, True)
         return speculative_decode(verifier, drafters[name], ids, k=args.k, max_new_tokens=new)
 
     for n in names:  # warm-up
@@ -167,6 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--thresholds", type=float, nargs="*", default=[0.0, 0.1], help="adaptive-k thresholds"
     )
     ap.add_argument("--prompts", dest="n_prompts", type=int, default=None)
+    ap.add_argument("--data", default="mtbench", help="prompt set (eval-accept's --data)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args(argv)
     args.prompts, args.new_tokens, args.reps = (3, 24, 5) if args.quick else (8, 64, 20)
@@ -179,11 +206,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         torch.set_num_threads(before)
     load = os.getloadavg()[0]
+    print("verify forward, q new tokens:   skinny linears          F.linear")
+    cost = {(r["skinny"], r["q"]): r for r in rows if r["bench"] == "verify_cost"}
+    for q in range(1, 9):
+        a, b = cost[(True, q)], cost[(False, q)]
+        print(
+            f"  q={q}: {a['ms']:7.2f} ms {a['ratio']:.3f}x ({a['vs_mkl_step']:.3f}x mkl step)"
+            f"   {b['ms']:7.2f} ms {b['ratio']:.3f}x"
+        )
     for r in rows:
-        if r["bench"] == "verify_cost":
-            print(f"verify q={r['q']}: {r['ms']:7.2f} ms  {r['ratio']:.3f}x step")
         if r["bench"] == "verify_shapes":
-            print(f"cheapest verify shapes here: {r['shapes']} (specctl pads to 5, 8 by default)")
+            which = "skinny" if r["skinny"] else "F.linear"
+            print(f"cheapest verify shapes, {which}: {r['shapes']}")
     print(f"(load {load:.1f} on {os.cpu_count()} cores; threads {rows[-1]['threads']})")
     hdr = (
         "variant                        AL   draft  verify  overhead  round  k-hist        speedup"

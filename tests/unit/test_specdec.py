@@ -7,6 +7,7 @@ import torch
 
 from specctl.evaluate.drafters import PromptLookupDrafter
 from specctl.evaluate.specdec import (
+    VERIFY_SHAPES_MKL,
     Proposal,
     speculative_decode,
     target_decode,
@@ -78,7 +79,9 @@ class RandomDrafter:
 
 
 def test_verify_len_pads_to_cheap_shapes() -> None:
-    assert [verify_len(n) for n in (1, 2, 3, 4, 5, 6, 8, 9)] == [1, 5, 5, 5, 5, 8, 8, 9]
+    assert [verify_len(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9)] == [1, 2, 4, 4, 5, 6, 8, 8, 9]
+    mkl = [verify_len(n, shapes=VERIFY_SHAPES_MKL) for n in (1, 2, 3, 4, 5, 6, 8, 9)]
+    assert mkl == [1, 5, 5, 5, 5, 8, 8, 9]
     assert verify_len(3, pad=False) == 3
 
 

@@ -42,7 +42,8 @@ def command(
         typer.Option(
             "--adaptive-threshold",
             help="Adaptive k: stop drafting when the draft's cumulative top-1 probability "
-            "drops below this (default 0.05; 0 = always k tokens).",
+            "drops below this (default 0.3, about what one more verified token costs; "
+            "0 = always k tokens).",
         ),
     ] = None,
     temperature: Annotated[

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specctl.skinny import linear
+
 
 @dataclass
 class Eagle3Config:
@@ -257,7 +259,7 @@ class Eagle3Draft(nn.Module):
 
     def combine(self, aux: torch.Tensor) -> torch.Tensor:
         """aux [B, T, k*H_t] -> [B, T, H]."""
-        return self.fc(aux.to(self.fc.weight.dtype))
+        return linear(aux.to(self.fc.weight.dtype), self.fc.weight)
 
     def step(
         self,
@@ -321,7 +323,9 @@ class Eagle3Draft(nn.Module):
         """`step` for inference, same math in fewer kernels -> h_out [B, q, H] (pre-norm).
 
         q/k/v and gate/up are one matmul each, RoPE is a table lookup applied once over the
-        q and k heads together, RMSNorm is one kernel. Equal to `step` up to matmul rounding.
+        q and k heads together, RMSNorm is one kernel, and every matmul of a few rows takes
+        the skinny path (`specctl.skinny`: half the step on CPU). Equal to `step` up to
+        matmul rounding.
         """
         layer, att = self.midlayer, self.midlayer.self_attn
         b, n = input_ids.shape
@@ -331,21 +335,23 @@ class Eagle3Draft(nn.Module):
         emb = self.embed_tokens(input_ids).to(hidden.dtype)  # [B, q, H]
         x = torch.cat([_rms(layer.input_layernorm, emb), _rms(layer.hidden_norm, hidden)], -1)
         # 2. q, k, v in one matmul; RoPE once over the nh + nkv query and key heads.
-        qkv = F.linear(x, dw.qkv).view(b, n, nh + 2 * nkv, d).transpose(1, 2)  # [B, nh+2nkv, q, d]
+        qkv = linear(x, dw.qkv).view(b, n, nh + 2 * nkv, d).transpose(1, 2)  # [B, nh+2nkv, q, d]
         cos, sin = dw.cos[position_ids][:, None], dw.sin[position_ids][:, None]  # [B, 1, q, d]
         qk = qkv[:, : nh + nkv]
         qk = qk * cos + torch.roll(qk, d // 2, -1) * sin  # [B, nh+nkv, q, d]
         out = cache.attend(0, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :])  # [B, nh, q, d]
-        h = hidden + att.o_proj(out.transpose(1, 2).reshape(b, n, nh * d))  # [B, q, H]
+        h = hidden + linear(
+            out.transpose(1, 2).reshape(b, n, nh * d), att.o_proj.weight
+        )  # [B, q, H]
         # 3. SwiGLU MLP with gate and up in one matmul.
-        gate, up = F.linear(_rms(layer.post_attention_layernorm, h), dw.gate_up).chunk(2, -1)
-        h = h + layer.mlp.down_proj(F.silu(gate) * up)
+        gate, up = linear(_rms(layer.post_attention_layernorm, h), dw.gate_up).chunk(2, -1)
+        h = h + linear(F.silu(gate) * up, layer.mlp.down_proj.weight)
         cache.commit(n)
         return h
 
     def decode_logits(self, h_out: torch.Tensor) -> torch.Tensor:
         """`logits` with the one-kernel RMSNorm (inference)."""
-        return self.lm_head(_rms(self.norm, h_out))
+        return linear(_rms(self.norm, h_out), self.lm_head.weight)
 
     def forward(
         self,

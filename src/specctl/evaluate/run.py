@@ -30,11 +30,16 @@ class EvalConfig:
     max_prompts: int = 10
     max_new_tokens: int = 128
     k: int = 4
-    adaptive_threshold: float = 0.05  # adaptive k: cut the chain below this confidence; 0 = off
+    # adaptive k: cut the chain below this cumulative confidence (0 = off). 0.3 ~ the marginal
+    # cost of one more token (verify step + draft step, in decode steps) with skinny linears;
+    # it was the best of 0.05-0.3 on the held-out prompt set (docs/benchmarks.md), not MT-Bench
+    adaptive_threshold: float = 0.3
     temperature: float = 0.0
     seed: int = 0
     pad_verify: bool = True
-    verify_shapes: tuple[int, ...] = (5, 8)  # cheap verify q's; measure with bench_decode.py
+    skinny: bool = True  # target linears take specctl.skinny's path for decode / verify rows
+    verify_shapes: tuple[int, ...] | None = None  # cheap verify q's (bench_decode.py); None:
+    # specdec.VERIFY_SHAPES, or VERIFY_SHAPES_MKL with skinny=false
     prompt_lookup: bool = True  # the n-gram baseline row
     tree: bool = False  # add an EAGLE-2-style tree row (greedy): depth k, topk branching
     tree_topk: int = 3
@@ -58,7 +63,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if cfg.max_new_tokens < 1 or cfg.temperature < 0:
         raise UsageError("--max-new-tokens must be at least 1 and --temperature at least 0")
-    if not cfg.verify_shapes or min(cfg.verify_shapes) < 2:
+    if cfg.verify_shapes is not None and (not cfg.verify_shapes or min(cfg.verify_shapes) < 2):
         raise UsageError("verify_shapes must be query lengths >= 2, e.g. --set verify_shapes=5,8")
     if not 0.0 <= cfg.adaptive_threshold < 1.0:
         raise UsageError("--adaptive-threshold must be in [0, 1) (0 = always draft k tokens)")
@@ -99,7 +104,10 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
     drafters = setup.build_drafters(cfg, target, model_path)
     cfg = setup.cap_k(cfg, drafters)
     verifier = Verifier(
-        target, setup.aux_layers_for(drafters, target), last_hidden="mlp" in drafters
+        target,
+        setup.aux_layers_for(drafters, target),
+        last_hidden="mlp" in drafters,
+        skinny=cfg.skinny,
     )
     prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
     eos = setup.eos_ids(tokenizer, target)
@@ -126,7 +134,10 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos: tuple[int, ...]):
+    from specctl.evaluate.specdec import VERIFY_SHAPES, VERIFY_SHAPES_MKL
+
     gen = torch.Generator().manual_seed(cfg.seed)
+    shapes = tuple(cfg.verify_shapes or (VERIFY_SHAPES if cfg.skinny else VERIFY_SHAPES_MKL))
 
     def decode(name: str, ids: torch.Tensor, max_new: int) -> DecodeResult:
         if name == "eagle3-tree":
@@ -157,7 +168,7 @@ def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos:
             eos_ids=eos,
             temperature=cfg.temperature,
             pad_verify=cfg.pad_verify,
-            verify_shapes=tuple(cfg.verify_shapes),
+            verify_shapes=shapes,
             gen=gen,
         )
 

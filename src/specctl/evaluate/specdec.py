@@ -9,11 +9,14 @@ caches roll back to the emitted text. Batch size 1.
 - Temperature > 0 uses the standard speculative sampling rule (Leviathan et al., Chen et al.):
   accept d with probability min(1, p(d)/q(d)), on rejection sample from norm(max(0, p - q)),
   after k acceptances sample a bonus token from p. The output is distributed as the target's.
-- The verify query is padded to cheap GEMM shapes (`verify_len`: q=5 for k<=4, q=8 for k<=7;
-  q=2,3,7 cost 1.6-2x a decode step on CPU, q=5 only 1.37x; `bench/bench_decode.py` measures
-  the curve on the machine at hand). Padding sits after the real positions, so the causal
-  mask keeps it from touching their logits; it is cropped away. A round proposing nothing
-  (adaptive k, no prompt-lookup match) verifies at q=1, a plain decode step.
+- The verify query is padded to cheap GEMM shapes (`verify_len`; `bench/bench_decode.py`
+  measures the curve on the machine at hand). With the target's skinny linears (the
+  default, `specctl.skinny`) a q-token forward costs 1.05 / 1.35 / 1.35 / 1.6 decode steps for
+  q = 2..5, so only 3 -> 4 and 7 -> 8 are padded (VERIFY_SHAPES); with MKL's own `F.linear`
+  q = 2, 3, 7 cost 1.6-2x a step and q = 5 only 1.37x, so everything pads to 5 or 8
+  (VERIFY_SHAPES_MKL). Padding sits after the real positions, so the causal mask keeps it
+  from touching their logits; it is cropped away. A round proposing nothing (adaptive k, no
+  prompt-lookup match) verifies at q=1, a plain decode step.
 - Time accounting: `draft_s` (propose + advance), `verify_s` (the target forward); the rest
   of a round (accept, emit, crop) is bookkeeping overhead, reported per round by eval-accept.
 """
@@ -71,11 +74,13 @@ class DecodeResult:
         return len(self.emitted)
 
 
-VERIFY_SHAPES = (5, 8)  # cheap verify shapes measured on 2-thread CPU (reference/cpu-costs.md)
+# cheap verify shapes measured on the 2-thread CPU here (docs/benchmarks.md, bench_decode.py)
+VERIFY_SHAPES = (2, 4, 5, 6, 8)  # skinny linears: cost grows with q, only 3 and 7 are dear
+VERIFY_SHAPES_MKL = (5, 8)  # F.linear: q = 2, 3, 4, 6, 7 cost more than 5 or 8
 
 
 def verify_len(n_real: int, pad: bool = True, shapes: tuple[int, ...] = VERIFY_SHAPES) -> int:
-    """The query length to run for n_real real positions: the next cheap shape (1, 5, 8).
+    """The query length to run for n_real real positions: the next cheap shape.
 
     `shapes` come from `bench/bench_decode.py`'s verify curve on the machine at hand (with
     1 thread q=4 can be the cheap one); a round with nothing proposed runs at q=1.

@@ -1,0 +1,85 @@
+"""Skinny linears: decode-time `nn.Linear`s that stream their weights at full bandwidth on CPU.
+
+A decode step or a verify pass multiplies a few rows (M = 1-8 positions) by every weight
+matrix once, so it is bound by reading the weights. Measured on the 2-core CPU here
+(bench/bench_decode.py `--skinny`), `F.linear(x, W)` = x @ W^T for small M runs MKL paths
+that read W at 5-12 GB/s (and M = 2, 3 are slower than M = 5); the same product computed
+as (W @ x^T)^T, W as the left operand, streams W at 20-35 GB/s for M >= 2. M = 1 has no
+fast path of its own (it is a GEMV either way), so it is padded to two rows and the copy
+dropped.
+
+`linear(x, w, b)` is the dispatch: the skinny path for inference calls (grad disabled) of at
+most MAX_ROWS fp32 CPU rows, `F.linear` for everything else (training, prefills, other
+dtypes and devices). The EAGLE-3 draft's decode path calls it directly (its step halves);
+`use_skinny_linears(model)` routes every `nn.Linear` of a model (the HF target) through it. Results agree with `F.linear` to float rounding (about 1e-6 relative), the
+same order as `F.linear`'s own differences between row counts, so greedy speculative
+decoding stays lossless exactly as far as it did before (eval-accept `--check-lossless`
+checks it). The switch is one attribute per module, undone by `use_skinny_linears(model, False)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_ROWS = 8  # measured crossover: above ~8 rows MKL's own GEMM is as fast (bench_decode)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias) as (weight @ x^T)^T; M = 1 runs as two rows."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)  # [M, K]
+    m = rows.shape[0]
+    if m == 1:
+        rows = rows.repeat(
+            2, 1
+        )  # [2, K], a real copy (a stride-0 expand is slow): the 2-row GEMM streams W, the 1-row GEMV does not
+    out = (weight @ rows.t()).t()[:m].contiguous()  # [N, M'] -> [M, N]
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_rows: int = MAX_ROWS,
+) -> torch.Tensor:
+    """`F.linear`, taking the skinny path for inference calls of <= max_rows fp32 CPU rows."""
+    if (
+        torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.numel() > max_rows * x.shape[-1]
+    ):
+        return F.linear(x, weight, bias)
+    return skinny_linear(x, weight, bias)
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias, self._skinny_rows)  # type: ignore[arg-type]
+
+
+def use_skinny_linears(model: nn.Module, on: bool = True, max_rows: int = MAX_ROWS) -> int:
+    """Route the model's `nn.Linear`s through `skinny_linear` for <= max_rows rows; count them."""
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if on:
+            mod._skinny_rows = max_rows  # type: ignore[assignment]
+            mod.forward = _forward.__get__(mod)  # type: ignore[method-assign]
+        else:
+            mod.__dict__.pop("forward", None)
+            mod.__dict__.pop("_skinny_rows", None)
+        n += 1
+    return n
+
+
+def skinny_enabled(model: Any) -> bool:
+    return any("_skinny_rows" in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
