@@ -79,37 +79,43 @@ def _generation(engine, prompts, new_tokens: int, reps: int) -> list[dict]:
     Each rep times one call per case (batch 1: one prompt, rotating; batch B: B prompts as
     one left-padded batch) and the table shows the median over reps of tokens/s, because
     on a shared box single calls stall for seconds. Sampling at T=0.7, top-p 0.95 (rows
-    finish at different lengths, as in regeneration); the ratio is against batch 1.
+    finish at different lengths, as in regeneration); the ratio is against batch 1. Every
+    batch also runs with plain `F.linear` (`mkl` rows) to show what the skinny linears
+    (`specctl.skinny`, the engine's default for steps of <= 8 rows) give.
     """
     import statistics
 
+    from specctl.skinny import use_skinny_linears
     from specctl.target.engines import SamplingParams
     from specctl.target.template import encode_text, render
 
     ids = [encode_text(engine.tokenizer, render(engine.tokenizer, p.messages[:1], add_generation_prompt=True))
            for p in prompts[:16]]  # fmt: skip
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=new_tokens)
-    rates: dict[int, list[float]] = {1: [], 8: [], 16: []}
+    cases = [(b, sk) for sk in (True, False) for b in (1, 8, 16)]
+    rates: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
     made = dict.fromkeys(rates, 0)
     engine.generate(ids[:2], SamplingParams(0.7, 0.95, 4), [0, 1])  # warm-up
     for rep in range(reps):
-        for b in rates:
+        for b, sk in cases:
+            use_skinny_linears(engine.model, sk)
             grp = [rep % 16] if b == 1 else list(range(b))
             t0 = time.perf_counter()
             got = engine.generate([ids[i] for i in grp], params, [rep * 100 + i for i in grp])
             n = sum(len(g) for g in got)
-            rates[b].append(n / (time.perf_counter() - t0))
-            made[b] += n
-        print(f"  rep {rep}: " + ", ".join(f"b{b} {r[-1]:.1f} tok/s" for b, r in rates.items()),
-              flush=True)  # fmt: skip
+            rates[(b, sk)].append(n / (time.perf_counter() - t0))
+            made[(b, sk)] += n
+        print(f"  rep {rep}: " + ", ".join(f"b{b}{'' if sk else ' mkl'} {r[-1]:.1f} tok/s"
+                                           for (b, sk), r in rates.items()), flush=True)  # fmt: skip
+    use_skinny_linears(engine.model, True)
     rows = [
         {
             "bench": "producer",
-            "case": f"generate batch {b} (useful tok/s, median of {reps})",
-            "new_tokens": made[b],
+            "case": f"generate batch {b}{'' if sk else ' F.linear'} (useful tok/s, median of {reps})",
+            "new_tokens": made[(b, sk)],
             "tokens_per_s": statistics.median(r),
         }
-        for b, r in rates.items()
+        for (b, sk), r in rates.items()
     ]
     for r in rows:
         r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
