@@ -1,20 +1,22 @@
-"""Skinny linears: decode-time `nn.Linear`s that stream their weights at full bandwidth on CPU.
+"""Skinny linears: decode-time matmuls that stream their weights at full bandwidth on CPU.
 
 A decode step or a verify pass multiplies a few rows (M = 1-8 positions) by every weight
 matrix once, so it is bound by reading the weights. Measured on the 2-core CPU here
-(bench/bench_decode.py `--skinny`), `F.linear(x, W)` = x @ W^T for small M runs MKL paths
-that read W at 5-12 GB/s (and M = 2, 3 are slower than M = 5); the same product computed
-as (W @ x^T)^T, W as the left operand, streams W at 20-35 GB/s for M >= 2. M = 1 has no
-fast path of its own (it is a GEMV either way), so it is padded to two rows and the copy
-dropped.
+(bench/bench_decode.py's verify_cost rows; docs/benchmarks.md "Skinny linears"),
+`F.linear(x, W)` = x @ W^T for small M runs MKL paths that read W at 5-12 GB/s (and M = 2, 3
+are slower than M = 5); the same product computed as (W @ x^T)^T, W as the left operand,
+streams W at 20-35 GB/s for M >= 2. M = 1 has no fast path of its own (a GEMV either way),
+so it runs as two rows and the copy is dropped.
 
 `linear(x, w, b)` is the dispatch: the skinny path for inference calls (grad disabled) of at
 most MAX_ROWS fp32 CPU rows, `F.linear` for everything else (training, prefills, other
 dtypes and devices). The EAGLE-3 draft's decode path calls it directly (its step halves);
-`use_skinny_linears(model)` routes every `nn.Linear` of a model (the HF target) through it. Results agree with `F.linear` to float rounding (about 1e-6 relative), the
-same order as `F.linear`'s own differences between row counts, so greedy speculative
-decoding stays lossless exactly as far as it did before (eval-accept `--check-lossless`
-checks it). The switch is one attribute per module, undone by `use_skinny_linears(model, False)`.
+`use_skinny_linears(model)` routes every `nn.Linear` of a model (the HF target) through it,
+one attribute per module, undone by `use_skinny_linears(model, False)`.
+
+Results agree with `F.linear` to float rounding (logits within ~1e-5), the same order as
+`F.linear`'s own differences between row counts, so greedy speculative decoding stays
+lossless exactly as far as it did before (eval-accept `--check-lossless` checks it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.reshape(-1, k)  # [M, K]
     m = rows.shape[0]
     if m == 1:
-        rows = rows.repeat(
-            2, 1
-        )  # [2, K], a real copy (a stride-0 expand is slow): the 2-row GEMM streams W, the 1-row GEMV does not
+        # [2, K]: the 2-row GEMM streams W, the 1-row GEMV does not; a real copy, because
+        # a stride-0 `expand` takes a slow path
+        rows = rows.repeat(2, 1)
     out = (weight @ rows.t()).t()[:m].contiguous()  # [N, M'] -> [M, N]
     if bias is not None:
         out += bias
@@ -66,7 +68,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_skinny_linears(model: nn.Module, on: bool = True, max_rows: int = MAX_ROWS) -> int:
-    """Route the model's `nn.Linear`s through `skinny_linear` for <= max_rows rows; count them."""
+    """Route (on) or stop routing (off) the model's `nn.Linear`s through `linear`; count them."""
     n = 0
     for mod in model.modules():
         if not isinstance(mod, nn.Linear):
