@@ -42,7 +42,7 @@ bench: setup
 	$(PY) bench/run.py
 
 # The pipeline at scale (recipes/README.md): held-out prompt source, coverage-sized vocab,
-# 2 producers || 2 trainer ranks, MT-Bench chain/tree/prompt lookup. ~94 min on an idle 2-core box.
+# 2 producers || 2 trainer ranks, MT-Bench chain/tree/prompt lookup. ~75 min on an idle 2-core box.
 bench-quality: setup
 	bash recipes/bench-quality.sh
 
