@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specctl import skinny
 from specctl.evaluate.specdec import speculative_decode, target_decode
-from specctl.evaluate.verifier import Verifier
+from specctl.evaluate.verifier import VERIFY_SHAPES, VERIFY_SHAPES_MKL, Verifier
 from specctl.skinny import skinny_enabled, skinny_linear, use_skinny_linears
 
 
@@ -71,8 +71,9 @@ def test_logits_match_and_switch_off() -> None:
 
 def test_verifier_applies_and_restores() -> None:
     model = _tiny()
+    assert Verifier(model, skinny=False).verify_shapes == VERIFY_SHAPES_MKL
     ver = Verifier(model)
-    assert skinny_enabled(model)
+    assert skinny_enabled(model) and ver.verify_shapes == VERIFY_SHAPES
     prompt = torch.arange(3, 30)
     ref = target_decode(ver, prompt, max_new_tokens=12)
 

@@ -7,13 +7,12 @@ import torch
 
 from specctl.evaluate.drafters import PromptLookupDrafter
 from specctl.evaluate.specdec import (
-    VERIFY_SHAPES_MKL,
     Proposal,
     speculative_decode,
     target_decode,
     verify_len,
 )
-from specctl.evaluate.verifier import Verifier
+from specctl.evaluate.verifier import VERIFY_SHAPES_MKL, Verifier
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -340,9 +340,8 @@ class Eagle3Draft(nn.Module):
         qk = qkv[:, : nh + nkv]
         qk = qk * cos + torch.roll(qk, d // 2, -1) * sin  # [B, nh+nkv, q, d]
         out = cache.attend(0, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :])  # [B, nh, q, d]
-        h = hidden + linear(
-            out.transpose(1, 2).reshape(b, n, nh * d), att.o_proj.weight
-        )  # [B, q, H]
+        attn = out.transpose(1, 2).reshape(b, n, nh * d)  # [B, q, nh*d]
+        h = hidden + linear(attn, att.o_proj.weight)  # [B, q, H]
         # 3. SwiGLU MLP with gate and up in one matmul.
         gate, up = linear(_rms(layer.post_attention_layernorm, h), dw.gate_up).chunk(2, -1)
         h = h + linear(F.silu(gate) * up, layer.mlp.down_proj.weight)

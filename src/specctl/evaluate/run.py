@@ -39,7 +39,7 @@ class EvalConfig:
     pad_verify: bool = True
     skinny: bool = True  # target linears take specctl.skinny's path for decode / verify rows
     verify_shapes: tuple[int, ...] | None = None  # cheap verify q's (bench_decode.py); None:
-    # specdec.VERIFY_SHAPES, or VERIFY_SHAPES_MKL with skinny=false
+    # the verifier's (VERIFY_SHAPES, or VERIFY_SHAPES_MKL with skinny=false)
     prompt_lookup: bool = True  # the n-gram baseline row
     tree: bool = False  # add an EAGLE-2-style tree row (greedy): depth k, topk branching
     tree_topk: int = 3
@@ -134,10 +134,8 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos: tuple[int, ...]):
-    from specctl.evaluate.specdec import VERIFY_SHAPES, VERIFY_SHAPES_MKL
-
     gen = torch.Generator().manual_seed(cfg.seed)
-    shapes = tuple(cfg.verify_shapes or (VERIFY_SHAPES if cfg.skinny else VERIFY_SHAPES_MKL))
+    shapes = tuple(cfg.verify_shapes) if cfg.verify_shapes else None  # None: the verifier's
 
     def decode(name: str, ids: torch.Tensor, max_new: int) -> DecodeResult:
         if name == "eagle3-tree":

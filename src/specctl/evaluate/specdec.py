@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from specctl.evaluate.verifier import Verifier
+from specctl.evaluate.verifier import VERIFY_SHAPES, Verifier
 
 
 @dataclass
@@ -72,11 +72,6 @@ class DecodeResult:
     @property
     def rounds(self) -> int:
         return len(self.emitted)
-
-
-# cheap verify shapes measured on the 2-thread CPU here (docs/benchmarks.md, bench_decode.py)
-VERIFY_SHAPES = (2, 4, 5, 6, 8)  # skinny linears: cost grows with q, only 3 and 7 are dear
-VERIFY_SHAPES_MKL = (5, 8)  # F.linear: q = 2, 3, 4, 6, 7 cost more than 5 or 8
 
 
 def verify_len(n_real: int, pad: bool = True, shapes: tuple[int, ...] = VERIFY_SHAPES) -> int:
@@ -150,7 +145,7 @@ def speculative_decode(
     eos_ids: tuple[int, ...] = (),
     temperature: float = 0.0,
     pad_verify: bool = True,
-    verify_shapes: tuple[int, ...] = VERIFY_SHAPES,
+    verify_shapes: tuple[int, ...] | None = None,
     gen: torch.Generator | None = None,
 ) -> DecodeResult:
     """Decode `max_new_tokens` after `prompt` [T] with draft-then-verify rounds.
@@ -168,7 +163,8 @@ def speculative_decode(
     t = time.perf_counter()
     drafter.start(prompt, aux, out[0])  # the draft prefills on (x_{t+1}, g_t) pairs
     res.draft_s += time.perf_counter() - t
-    q_max = verify_len(k + 1, pad_verify, verify_shapes)
+    shapes = verify_shapes or verifier.verify_shapes  # the cheap q's of the verifier's curve
+    q_max = verify_len(k + 1, pad_verify, shapes)
     ids_buf = torch.empty(q_max, dtype=torch.long)  # [q_max], refilled every round
     while len(out) < max_new_tokens and out[-1] not in eos_ids:
         # 2. Draft up to k tokens (never past max_new_tokens: the last round would waste them).
@@ -179,7 +175,7 @@ def speculative_decode(
         # 3. Verify: ONE target forward over [last, d_1..d_k', last...] -> logits [q, V].
         t = time.perf_counter()
         n_real = draft.numel() + 1
-        q_len = verify_len(n_real, pad_verify, verify_shapes)
+        q_len = verify_len(n_real, pad_verify, shapes)
         ids_buf[0] = out[-1]
         ids_buf[1:n_real] = draft
         ids_buf[n_real:q_len] = ids_buf[n_real - 1]  # padding: causal tail, never read

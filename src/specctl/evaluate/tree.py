@@ -145,7 +145,7 @@ def tree_decode(
         # 3. Verify root + N nodes (+ padding that sees only the root) in ONE forward.
         t = time.perf_counter()
         n = tree.tokens.numel()
-        q = verify_len(n + 1, pad_verify)
+        q = verify_len(n + 1, pad_verify, verifier.verify_shapes)
         vis = torch.zeros(q, q, dtype=torch.bool)
         vis[: n + 1, : n + 1] = ancestry(tree.parents)  # [N+1, N+1]
         for r in range(n + 1, q):  # padding: sees the root and itself, at depth 1

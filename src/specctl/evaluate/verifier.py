@@ -6,7 +6,7 @@ records the trainer reads), so a verify pass costs one forward and nothing else.
 
 Decode and verify calls multiply a handful of rows by every weight: the model's linears take
 the skinny path for them (`specctl.skinny`: 1.6x faster decode steps on the CPU here, and
-verify costs relative to a step change with it: `verify_shapes` in eval-accept follow).
+verify costs relative to a step change with it, and `Verifier.verify_shapes` with them).
 
 Trap (transformers 5.x): `DynamicCache.crop(n)` only accepts a negative n ("remove n
 tokens"); a positive n raises. `crop` here takes the number of tokens to drop.
@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from specctl.skinny import use_skinny_linears
 from specctl.target.engines import default_aux_layers
+
+# cheap verify shapes measured on the 2-thread CPU here (docs/benchmarks.md, bench_decode.py)
+VERIFY_SHAPES = (2, 4, 5, 6, 8)  # skinny linears: cost grows with q, only 3 and 7 are dear
+VERIFY_SHAPES_MKL = (5, 8)  # F.linear: q = 2, 3, 4, 6, 7 cost more than 5 or 8
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -36,7 +41,7 @@ class Verifier:
     `aux_layers` are 0-based decoder-layer ids whose outputs are captured (default 1, N/2-1, N-4).
     `last_hidden`: capture the final norm's output instead (the state lm_head reads), [q, H]:
     what an MLP speculator consumes. `skinny`: route forwards of <= 8 positions through
-    `skinny_linear` until `close()` (prefills keep `F.linear`).
+    `skinny_linear` until `close()` (prefills keep `F.linear`); `verify_shapes` follow it.
     """
 
     def __init__(
@@ -46,8 +51,6 @@ class Verifier:
         last_hidden: bool = False,
         skinny: bool = True,
     ) -> None:
-        from specctl.skinny import use_skinny_linears
-
         self.model = model
         self.skinny = skinny
         if skinny:
@@ -134,9 +137,12 @@ class Verifier:
         if n_remove > 0:
             self.cache.crop(-n_remove)
 
-    def close(self) -> None:
-        from specctl.skinny import use_skinny_linears
+    @property
+    def verify_shapes(self) -> tuple[int, ...]:
+        """The query lengths worth padding a verify to on this verifier's cost curve."""
+        return VERIFY_SHAPES if self.skinny else VERIFY_SHAPES_MKL
 
+    def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
