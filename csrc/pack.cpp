@@ -45,6 +45,7 @@ uint32_t g_table[256];
 uint32_t g_x2n[32];             // x^(2^k) mod P
 uint32_t g_shift_tab[4][256];   // shift by kStreamBytes, as a byte-sliced linear map
 bool g_hw_crc = false, g_avx2 = false, g_avx512 = false, g_vpclmul = false;
+unsigned g_cores = 0;  // hardware_concurrency() reads sysfs (~6 us): once, at init
 
 uint32_t multmodp(uint32_t a, uint32_t b) {  // a * b mod P, reflected bit order
   uint32_t m = 1u << 31, p = 0;
@@ -206,6 +207,7 @@ void init_once() {
   uint32_t k_stream = x8nmodp(kStreamBytes);
   for (int i = 0; i < 4; i++)
     for (uint32_t b = 0; b < 256; b++) g_shift_tab[i][b] = multmodp(k_stream, b << (8 * i));
+  g_cores = std::thread::hardware_concurrency();
   if (const char* v = std::getenv("SPECCTL_PACK_STREAM_MIN"))  // tests lower it
     g_stream_min = std::strtoull(v, nullptr, 10);
 #ifdef SPECCTL_X86
@@ -405,7 +407,7 @@ uint32_t join_parts(const std::vector<Part>& parts) {
 
 int pick_threads(int requested, uint64_t nbytes) {
   if (requested > 0) return requested < 64 ? requested : 64;
-  unsigned hw = std::thread::hardware_concurrency();
+  unsigned hw = g_cores;
   uint64_t by_size = nbytes / kBytesPerThread;
   uint64_t n = by_size < 1 ? 1 : by_size;
   if (hw && n > hw) n = hw;
@@ -425,7 +427,7 @@ void parallel(int n, F fn) {
 
 // ------------------------------------------------------------------ C ABI
 
-API int specctl_pack_abi_version(void) { return 1; }
+API int specctl_pack_abi_version(void) { return 2; }  // 2: loss_mask normalised here
 
 API int specctl_pack_cpu_features(void) {
   ensure_init();
@@ -489,7 +491,7 @@ API int specctl_pack_sections(uint8_t* out, uint64_t total_nbytes, const uint64_
   std::memset(out + end, 0, total_nbytes - end);
   // 2. the small sections on the calling thread.
   std::memcpy(out + offsets[0], input_ids, sizes[0]);
-  std::memcpy(out + offsets[1], loss_mask, sizes[1]);
+  for (uint32_t i = 0; i < T; i++) out[offsets[1] + i] = loss_mask[i] != 0;  // any nonzero -> 1
   crcs_out[0] = ~crc_raw(~0u, out + offsets[0], sizes[0]);
   crcs_out[1] = ~crc_raw(~0u, out + offsets[1], sizes[1]);
   crcs_out[2] = crcs_out[3] = 0;

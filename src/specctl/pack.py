@@ -72,7 +72,7 @@ class _Plan:
     flags: int
     layout: protocol.Layout
     input_ids: torch.Tensor  # [T] int32, contiguous, CPU
-    loss_mask: torch.Tensor  # [T] uint8 0/1, contiguous, CPU
+    loss_mask: torch.Tensor  # [T] uint8 bytes (nonzero = 1: packers write 0/1), contiguous, CPU
     aux: list[torch.Tensor]  # k x [T, H]
     last: torch.Tensor | None  # [T, H]
 
@@ -189,11 +189,17 @@ def _plan(
     """Check shapes and dtypes; split aux_hidden into k [T, H] views (no copies)."""
     if dtype not in DTYPE_CODES:
         raise ValueError(f"record dtype must be bfloat16 or float32, got {dtype}")
-    ids = input_ids.reshape(-1).to(device="cpu", dtype=torch.int32).contiguous()
+    # This runs per record: no torch op unless the inputs need one (each costs microseconds)
+    ids = input_ids.reshape(-1)
+    if ids.dtype != torch.int32 or ids.device.type != "cpu":
+        ids = ids.to(device="cpu", dtype=torch.int32)
+    ids = ids.contiguous()
     T = ids.numel()
-    mask = loss_mask.reshape(-1).to("cpu")
-    # bool is stored as 0/1 bytes already: a view, not a pass (this runs per record)
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).to(torch.uint8)
+    mask = loss_mask.reshape(-1)
+    if mask.device.type != "cpu":
+        mask = mask.cpu()
+    if mask.dtype != torch.uint8:  # bytes as they are: the packers write nonzero as 1
+        mask = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
     mask = mask.contiguous()
     if T < 1 or mask.numel() != T:
         raise ValueError(f"input_ids has {T} tokens, loss_mask {mask.numel()}; need equal, >= 1")
@@ -273,7 +279,7 @@ def _pack_torch(plan: _Plan, buf: torch.Tensor) -> list[int]:
 
     # 2. tokens and mask
     section(0, torch.int32, (T,)).copy_(plan.input_ids)
-    section(1, torch.uint8, (T,)).copy_(plan.loss_mask)
+    section(1, torch.uint8, (T,)).copy_(plan.loss_mask != 0)
     # 3. aux layers side by side: row t = [aux_0[t], ..., aux_{k-1}[t]]
     if k:
         aux = section(2, dtype, (T, k, H))
@@ -303,7 +309,7 @@ _u64p, _u32p = _c.POINTER(_c.c_uint64), _c.POINTER(_c.c_uint32)
 
 @functools.cache
 def _native_lib() -> ctypes.CDLL | None:
-    lib = _load("_pack_native", "specctl_pack_abi_version")
+    lib = _load("_pack_native", "specctl_pack_abi_version", 2)
     if lib is None:
         return None
     lib.specctl_pack_sections.restype = _c.c_int
@@ -325,7 +331,7 @@ def _native_lib() -> ctypes.CDLL | None:
 def _cuda_lib() -> ctypes.CDLL | None:
     if not torch.cuda.is_available():
         return None
-    lib = _load("_pack_cuda", "specctl_cuda_abi_version")
+    lib = _load("_pack_cuda", "specctl_cuda_abi_version", 1)
     if lib is not None:
         lib.specctl_cuda_pack_hidden.restype = _c.c_int
         lib.specctl_cuda_pack_hidden.argtypes = [
@@ -336,12 +342,13 @@ def _cuda_lib() -> ctypes.CDLL | None:
     return lib
 
 
-def _load(stem: str, version_fn: str) -> ctypes.CDLL | None:
-    """Load specctl/<stem>*.so built by setup.py; log once and return None if absent."""
+def _load(stem: str, version_fn: str, version: int) -> ctypes.CDLL | None:
+    """Load specctl/<stem>*.so built by setup.py; log once and return None if absent or
+    built from other sources (an ABI `version` mismatch: rebuild, csrc/README.md)."""
     found = sorted(Path(__file__).parent.glob(f"{stem}*.so"))
     try:
         lib = ctypes.CDLL(str(found[0]))
-        if getattr(lib, version_fn)() != 1:
+        if getattr(lib, version_fn)() != version:
             raise OSError("ABI version mismatch")
         return lib
     except (IndexError, OSError, AttributeError) as e:
@@ -413,7 +420,7 @@ def _pack_cuda(plan: _Plan, buf: torch.Tensor) -> list[int]:
         raise RuntimeError(f"specctl_cuda_pack_hidden failed with CUDA error {rc}")
     buf[first:end].copy_(staging)  # waits for the kernel (same stream)
     buf[o0 : o0 + n0].copy_(plan.input_ids.view(torch.uint8))
-    buf[o1 : o1 + n1].copy_(plan.loss_mask)
+    buf[o1 : o1 + n1].copy_(plan.loss_mask != 0)
     ends = [(o, o + n) for o, n in plan.layout.sections if n]
     for (_, gap_start), (gap_end, _) in zip(ends, [*ends[1:], (buf.numel(), 0)], strict=True):
         buf[gap_start:gap_end].zero_()

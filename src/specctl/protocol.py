@@ -16,6 +16,7 @@ is JSON restricted to string and integer values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 from collections.abc import Callable
@@ -93,6 +94,7 @@ class Layout:
     total_nbytes: int
 
 
+@functools.lru_cache(maxsize=1024)  # per record on both sides; a run has few distinct shapes
 def layout(T: int, H: int, num_aux: int, dtype_code: int, flags: int) -> Layout:
     """Section offsets and sizes derived from the header fields (docs/wire-protocol.md)."""
     item = DTYPE_ITEMSIZE[dtype_code]

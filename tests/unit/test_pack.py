@@ -155,6 +155,22 @@ def test_native_equals_torch_on_strided_and_mixed_inputs(monkeypatch):
 
 
 @pytest.mark.skipif(pack._native_lib() is None, reason="native pack library not built")
+def test_any_nonzero_mask_is_written_as_one_by_both_packers(monkeypatch):
+    # uint8 masks reach the packers as they are (no per-record torch pass): both must
+    # still write 0/1, and the same bytes
+    T, H = 9, 16
+    raw = torch.tensor([0, 1, 2, 255, 0, 7, 1, 0, 128], dtype=torch.uint8)
+    aux = [torch.randn(T, H) for _ in range(3)]
+    for mask in (raw, raw.to(torch.int64), raw.float() * 0.5, raw.bool()):
+        kw = dict(epoch=0, index=0, input_ids=torch.arange(T), loss_mask=mask,
+                  aux_hidden=aux, last_hidden=aux[0])  # fmt: skip
+        ref, nat = pack_both(monkeypatch, **kw)
+        assert torch.equal(ref, nat)
+        assert pack.unpack_record(nat).loss_mask.tolist() == (raw != 0).to(torch.uint8).tolist()
+    assert raw.tolist()[:4] == [0, 1, 2, 255]  # the caller's tensor is not normalised in place
+
+
+@pytest.mark.skipif(pack._native_lib() is None, reason="native pack library not built")
 @pytest.mark.parametrize("threads", ["1", "3", "8"])
 def test_multithreaded_pack_keeps_crcs_exact(monkeypatch, threads):
     monkeypatch.setenv("SPECCTL_PACK_THREADS", threads)
