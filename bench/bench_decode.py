@@ -8,7 +8,9 @@ On SmolLM2-135M (`smollm2-135m`) in ONE run:
   shapes worth padding verify to on this machine, for each path.
 - `round`: per-round draft / verify / overhead (bookkeeping: accept, crop, emit) ms and
   their ratio to the plain decode step, for a random 8k-vocab EAGLE-3 draft (optionally
-  with adaptive k) and for prompt lookup; the target alone gives the step. A `target-mkl`
+  with adaptive k; `-cost`: cost-aware lengths, `specdec.CostModel`) and for prompt lookup;
+  with `--draft`, the trained draft the same ways and with lookup (`eagle3+lookup`,
+  cost-aware); the target alone gives the step. A `target-mkl`
   row decodes with `F.linear` instead of the skinny linears: the skinny gain, same run.
 
 Variants are interleaved per prompt in rotating order; medians of per-call times are kept.
@@ -100,13 +102,14 @@ def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
 
 
 def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[str, Any]:
-    from specctl.evaluate.drafters import Eagle3Drafter, PromptLookupDrafter
+    from specctl.evaluate.drafters import Eagle3Drafter, HybridDrafter, PromptLookupDrafter
 
     out: dict[str, Any] = {}
     draft = random_draft(target)
     for thr in args.thresholds:
         name = "eagle3-random-8k" + (f"-adaptive{thr:g}" if thr else "")
         out[name] = Eagle3Drafter(draft, **({"adaptive_threshold": thr} if thr else {}))
+    out["eagle3-random-8k-cost"] = Eagle3Drafter(draft)  # cost model set with the verifier
     if args.draft:
         from pathlib import Path
 
@@ -117,6 +120,10 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
             out["eagle3" + (f"-adaptive{thr:g}" if thr else "")] = Eagle3Drafter(
                 trained, aux, adaptive_threshold=thr
             )
+        out["eagle3-cost"] = Eagle3Drafter(trained, aux)
+        out["eagle3+lookup"] = HybridDrafter(
+            PromptLookupDrafter(learn_confidence=True), Eagle3Drafter(trained, aux)
+        )
     out["prompt-lookup"] = PromptLookupDrafter()
     return out
 
@@ -124,13 +131,16 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
 def round_split(args: argparse.Namespace) -> list[dict]:
     """Decode prompts with every variant (rotating order); per-round split as step ratios."""
     from specctl.evaluate import metrics, setup
-    from specctl.evaluate.specdec import speculative_decode, target_decode
+    from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
     from specctl.evaluate.verifier import Verifier
     from specctl.skinny import use_skinny_linears
 
     target, tok, model_path = setup.load_target("smollm2-135m")
     drafters = _variants(args, target, model_path)
     verifier = Verifier(target)
+    for name, drafter in drafters.items():
+        if name.endswith("-cost") or name.endswith("+lookup"):
+            drafter.cost = CostModel.of(verifier)
     prompts = [p.ids for p in setup.load_eval_prompts(args.data, tok, args.prompts)]
     context = torch.cat([p.ids for p in setup.load_eval_prompts("mtbench", tok, 3)])[:300]
     rows = verify_curve(verifier, context, args.reps)

@@ -104,6 +104,7 @@ def test_vllm_al_agrees_with_specctl(trained: tuple[Path, Path], tmp_path: Path)
     assert theirs["rounds"] > 0 and theirs["tokens"] == ours["tokens"]
     assert len(theirs["accept_rate"]) == K and sum(theirs["al_histogram"]) == theirs["rounds"]
     assert report["config"]["adaptive_threshold"] == 0.0  # like for like: fixed k
+    assert report["config"]["cost_aware"] is False
     assert ours["k_histogram"][K] >= 0.8 * ours["rounds"]  # only the last rounds are cut short
     # 2. the draft is good enough that accepted tokens are really counted (not AL 1 vs 1)
     assert theirs["acceptance_length_vllm"] > 1.3 and theirs["accept_rate"][K - 1] > 0.1

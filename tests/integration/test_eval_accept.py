@@ -85,9 +85,10 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
         )
     )
     assert a["drafter"] == "eagle3" and a["prompts"] == 4
-    assert a["lossless"] == {"eagle3": "4/4", "eagle3-tree": "4/4", "prompt-lookup": "4/4"}
+    variants = {"eagle3", "eagle3-tree", "prompt-lookup", "eagle3+lookup"}
+    assert a["lossless"] == {v: "4/4" for v in variants}
     assert 1.0 <= a["acceptance_length"] < 1.5 and len(a["accept_rate"]) == 4
-    assert set(a["speedups"]) == {"target", "eagle3", "eagle3-tree", "prompt-lookup"}
+    assert set(a["speedups"]) == {"target", *variants}
     rep = json.loads((root / "rep-ckpt/report.json").read_text())
     assert set(rep["rows"]["eagle3"]["time_ms_per_round"]) == {"draft", "verify", "overhead"}
     assert sum(rep["rows"]["eagle3"]["time_share"].values()) == pytest.approx(1.0)

@@ -74,13 +74,16 @@ def test_trained_mlp_draft_exports_and_decodes_losslessly(tmp_path: Path) -> Non
         str(tmp_path / "eval"),
         "--set",
         "threads=1",
+        "--set",
+        "cost_aware=false",  # full chains: the capped k is what is checked
         env=ENV,
         timeout=300,
     )
     s = _summary(proc)
     assert "capped at the MLP speculator's n_predict 3" in proc.stderr
-    assert s["drafter"] == "mlp" and s["lossless"] == {"mlp": "3/3", "prompt-lookup": "3/3"}
-    assert set(s["speedups"]) == {"target", "mlp", "prompt-lookup"}
+    assert s["drafter"] == "mlp"
+    assert s["lossless"] == {"mlp": "3/3", "prompt-lookup": "3/3", "mlp+lookup": "3/3"}
+    assert set(s["speedups"]) == {"target", "mlp", "prompt-lookup", "mlp+lookup"}
     assert len(s["k_histogram"]) == 4 and s["k_histogram"][3] > 0  # full chains of 3 proposed
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["config"]["k"] == 3 and len(report["rows"]["mlp"]["accept_rate"]) == 3

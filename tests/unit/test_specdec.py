@@ -7,12 +7,13 @@ import torch
 
 from specctl.evaluate.drafters import PromptLookupDrafter
 from specctl.evaluate.specdec import (
+    CostModel,
     Proposal,
     speculative_decode,
     target_decode,
     verify_len,
 )
-from specctl.evaluate.verifier import VERIFY_SHAPES_MKL, Verifier
+from specctl.evaluate.verifier import VERIFY_COSTS, VERIFY_SHAPES, VERIFY_SHAPES_MKL, Verifier
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -141,3 +142,58 @@ def test_random_drafter_acceptance_length_near_one(verifier: Verifier) -> None:
         )
         emitted, rounds = emitted + sum(res.emitted), rounds + res.rounds
     assert 1.0 <= emitted / rounds < 1.15
+
+
+def test_prompt_lookup_min_ngram_skips_one_token_matches() -> None:
+    one, two = PromptLookupDrafter(), PromptLookupDrafter(min_ngram=2)
+    for d in (one, two):  # history 5 6 7 8 6 9 6: the bigram "9 6" is new, "6" is not
+        d.start(torch.tensor([5, 6, 7, 8, 6, 9]), None, 6)
+    assert one.propose(3, 0.0, None).tokens.tolist() == [9, 6]  # after the latest "6"
+    assert two.propose(3, 0.0, None).tokens.numel() == 0
+    for d in (one, two):  # ... 6 7: the bigram "6 7" was seen at the start
+        d.advance(torch.tensor([7]), None)
+        assert d.propose(3, 0.0, None).tokens.tolist() == [8, 6, 9]
+
+
+SKINNY = CostModel(VERIFY_COSTS, VERIFY_SHAPES, step=0.0)
+
+
+def test_cost_model_weighs_confidence_against_the_cost_curve() -> None:
+    # q=2 costs 1.06 steps: a 20%-sure single guess pays for itself ...
+    assert SKINNY.best_length([0.2]) == 1
+    # ... but not at 5%, and an expensive curve (q=2 at 1.65) wants far more
+    assert SKINNY.best_length([0.05]) == 0
+    assert CostModel((1.0, 1.65), (2,), step=0.0).best_length([0.2]) == 0
+    # a second token pads 3 -> 4 (1.38): worth it only when the chain stays likely; a third
+    # rides on the same shape, so a confident chain is kept whole up to q=4
+    assert SKINNY.best_length([0.5, 0.1]) == 1
+    assert SKINNY.best_length([0.9, 0.8, 0.7]) == 3
+    assert SKINNY.best_length([]) == 0
+    # always the argmax of expected tokens per decode step, draft steps included
+    with_steps = CostModel(VERIFY_COSTS, VERIFY_SHAPES, step=0.05)
+    confs = [0.7, 0.5, 0.35, 0.2]
+    rates = [(1 + sum(confs[:n])) / (SKINNY.verify(n + 1) + 4 * 0.05) for n in range(5)]
+    assert with_steps.best_length(confs) == max(range(5), key=rates.__getitem__)
+    assert SKINNY.verify(3) == VERIFY_COSTS[3]  # q=3 is padded to 4
+
+
+def test_cost_model_stops_drafting_when_nothing_more_can_pay() -> None:
+    assert SKINNY.worth_drafting([], 4)
+    assert SKINNY.worth_drafting([0.9], 4)  # 0.9, 0.81, 0.73: q=4 would pay
+    assert not SKINNY.worth_drafting([0.5], 4)  # 0.5, 0.25, 0.125: one token is the best
+    assert not SKINNY.worth_drafting([0.9, 0.3], 4)  # the chain just lost its nerve
+    assert not SKINNY.worth_drafting([0.9, 0.8, 0.7, 0.6], 4)  # k reached
+
+
+def test_prompt_lookup_learns_how_often_its_guesses_are_right() -> None:
+    d = PromptLookupDrafter(learn_confidence=True)
+    d.start(torch.tensor([1, 2, 3, 4] * 3), None, 1)  # "4 1" was seen: guess 2 3 4 1
+    p = d.propose(4, 0.0, None)
+    assert p.tokens.tolist() == [2, 3, 4, 1] and p.conf == [0.5] * 4  # the prior
+    d.advance(torch.tensor([2, 3, 4, 1, 2]), None)  # all four right
+    p = d.propose(4, 0.0, None)  # "1 2" again: guess 3 4 1 2
+    assert p.conf == [2 / 3] * 4
+    d.advance(torch.tensor([9]), None)  # the first guess wrong: only position 0 is known
+    assert d._tried[2] == [2, 1, 1, 1] and d._right[2] == [1, 1, 1, 1]
+    assert d._confidence(2, torch.zeros(4)) == [0.5] * 4  # 2/4, and never above position 0
+    assert PromptLookupDrafter().propose(4, 0.0, None).conf is None  # the plain baseline

@@ -10,8 +10,8 @@ import torch
 
 from specctl.draft.eagle3 import DraftCache, Eagle3Config, Eagle3Draft
 from specctl.draft.vocab import build_mapping
-from specctl.evaluate.drafters import Eagle3Drafter
-from specctl.evaluate.specdec import speculative_decode, target_decode
+from specctl.evaluate.drafters import Eagle3Drafter, HybridDrafter, PromptLookupDrafter
+from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
 from specctl.evaluate.verifier import Verifier
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -274,3 +274,88 @@ def test_adaptive_sampling_runs(setup: dict) -> None:
             setup["ver"], d, p, k=4, max_new_tokens=NEW, temperature=0.8, gen=g
         )
         assert len(res.tokens) == NEW and min(res.proposed) >= 0
+
+
+class _Tracking(HybridDrafter):
+    """Records which drafter proposed each round."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.used: list[str] = []
+
+    def propose(self, k, temperature, gen):
+        out = super().propose(k, temperature, gen)
+        looked = self.lookup.propose(k, temperature, gen)
+        self.used.append("lookup" if looked.tokens.numel() else "draft")
+        return out
+
+
+@pytest.mark.parametrize("min_ngram", [1, 2])
+def test_hybrid_is_lossless_and_uses_both(setup: dict, min_ngram: int) -> None:
+    """Lookup proposes where an n-gram repeats, the draft elsewhere; greedy text unchanged."""
+    used: list[str] = []
+    for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+        d = _Tracking(PromptLookupDrafter(min_ngram=min_ngram), Eagle3Drafter(setup["trained"]))
+        res = speculative_decode(setup["ver"], d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref
+        used += d.used
+    assert "lookup" in used and "draft" in used
+    assert d.name == "eagle3+lookup"
+
+
+def test_hybrid_cache_mirrors_committed_text(setup: dict) -> None:
+    """The draft's cache follows the text even after rounds where lookup proposed."""
+    for p, ref in list(zip(setup["prompts"], setup["refs"], strict=True))[:3]:
+        checked = CheckedDrafter(setup["trained"], setup["target"], p)
+        d = HybridDrafter(PromptLookupDrafter(), checked)
+        res = speculative_decode(setup["ver"], d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref
+
+
+def test_hybrid_sampling_runs(setup: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    for p in setup["prompts"][:4]:
+        d = HybridDrafter(PromptLookupDrafter(), Eagle3Drafter(setup["trained"]))
+        res = speculative_decode(
+            setup["ver"], d, p, k=4, max_new_tokens=NEW, temperature=0.8, gen=g
+        )
+        assert len(res.tokens) == NEW and min(res.proposed) >= 0
+
+
+def test_hybrid_with_learned_lookup_confidence_is_lossless(setup: dict) -> None:
+    ver = setup["ver"]
+    for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+        d = HybridDrafter(
+            PromptLookupDrafter(learn_confidence=True), Eagle3Drafter(setup["trained"])
+        )
+        for cost in (None, CostModel.of(ver)):
+            d.cost = cost
+            res = speculative_decode(ver, d, p, k=4, max_new_tokens=NEW)
+            assert res.tokens == ref
+
+
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_cost_aware_chain_is_the_best_prefix_and_lossless(setup: dict, draft: str) -> None:
+    """With a cost model the chain is the best-rate prefix of the full one: all of it on a
+    flat curve, none of it on a steep one (this tiny draft's confidences are ~1/128: it is
+    not calibrated like a real draft), and greedy output never changes."""
+    ver, d = setup["ver"], setup[draft]
+    flat = CostModel((1.0,) * 5, (2, 3, 4, 5), step=0.0)
+    steep = CostModel((1.0, 2.0, 3.0, 4.0, 5.0), (2, 3, 4, 5), step=0.0)
+    for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+        ver.reset()
+        logits, aux = ver.forward(p, aux=True)
+        first = int(logits[-1].argmax())
+        full = Eagle3Drafter(d)
+        full.start(p, aux, first)
+        a = full.propose(4, 0.0, None)
+        for cost, want in ((flat, 4), (steep, 0)):
+            cut = Eagle3Drafter(d)
+            cut.cost = cost
+            cut.start(p, aux, first)
+            b = cut.propose(4, 0.0, None)
+            assert b.tokens.numel() == want == cost.best_length(a.conf or [])
+            assert torch.equal(a.tokens[:want], b.tokens)
+        for cost in (flat, steep, CostModel.of(ver)):
+            cut.cost = cost
+            assert speculative_decode(ver, cut, p, k=4, max_new_tokens=NEW).tokens == ref

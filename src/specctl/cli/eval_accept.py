@@ -41,9 +41,10 @@ def command(
         float | None,
         typer.Option(
             "--adaptive-threshold",
-            help="Adaptive k: stop drafting when the draft's cumulative top-1 probability "
-            "drops below this (default 0.3, about what one more verified token costs; "
-            "0 = always k tokens).",
+            help="Adaptive k (EAGLE-2): stop drafting when the draft's cumulative top-1 "
+            "probability drops below this (default 0 = off). Each chain's length is chosen "
+            "by the cost-aware rule anyway (expected tokens per decode step on the verify "
+            "cost curve); `--set cost_aware=false` with 0 always drafts k tokens.",
         ),
     ] = None,
     temperature: Annotated[
@@ -71,13 +72,14 @@ def command(
         str | None,
         typer.Option(
             help="`hf` (default) or `vllm`: also decode with the draft in vLLM (.venv-vllm) and "
-            "report its AL beside ours (greedy; adaptive k off unless --adaptive-threshold).",
+            "report its AL beside ours (greedy; fixed k like vLLM: no cost-aware length, "
+            "adaptive k off unless --adaptive-threshold).",
         ),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Decode prompts with the target alone, with the draft and with prompt lookup (interleaved).
+    """Decode prompts with the target alone, the draft, prompt lookup and both (interleaved).
 
     Reports acceptance length (tokens per target verify), per-position acceptance, tokens/s
     and the speed-up over the target alone measured in the same run, per MT-Bench category.
@@ -95,8 +97,7 @@ def command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if engine == "vllm" and adaptive_threshold is None:  # vLLM drafts a fixed k: like for like
-        adaptive_threshold = 0.0
+    cost_aware = False if engine == "vllm" else None  # vLLM drafts a fixed k: like for like
     cfg = resolve(
         EvalConfig,
         config,
@@ -108,6 +109,7 @@ def command(
         max_new_tokens=max_new_tokens,
         k=k,
         adaptive_threshold=adaptive_threshold,
+        cost_aware=cost_aware,
         temperature=temperature,
         check_lossless=check_lossless or None,
         tree=tree or None,

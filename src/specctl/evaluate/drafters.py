@@ -1,5 +1,5 @@
 """Drafters for `speculative_decode`: the EAGLE-3 draft (chain), the MLP speculator (chain of
-its heads) and prompt lookup (n-gram).
+its heads), prompt lookup (n-gram) and the two combined (`HybridDrafter`).
 
 EAGLE-3 pairs the target state g_t with the token x_{t+1}: after the target emits tokens the
 draft re-reads them together with the target's aux states (its own chain guesses are cropped
@@ -13,40 +13,87 @@ from typing import Any
 
 import torch
 
-from specctl.evaluate.specdec import Proposal
+from specctl.evaluate.specdec import CostModel, Proposal
 
 
 class PromptLookupDrafter:
     """Copy the continuation of the latest earlier occurrence of the last n tokens (n = 2, then 1).
 
     Like HF `prompt_lookup_num_tokens` with `max_matching_ngram_size=2`, except that the most
-    recent match wins (HF takes the first).
+    recent match wins (HF takes the first). `min_ngram` = 2 proposes only on two-token matches.
+
+    `learn_confidence`: report, per guess, how often guesses at that position after a match
+    of that size were right so far (all of them up to it; kept across prompts), so the loop's
+    cost-aware length (`cost`, as in Eagle3Drafter) can cut lookup's guesses like a calibrated
+    draft's. Only past rounds count: the proposal still reads nothing but the text so far.
     """
 
     name = "prompt-lookup"
     needs_aux = False
 
-    def __init__(self, max_ngram: int = 2) -> None:
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int = 2, min_ngram: int = 1, learn_confidence: bool = False):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.history = torch.empty(0, dtype=torch.long)
+        self.learn = learn_confidence
+        self.cost: CostModel | None = None  # used with learn_confidence
+        self._tried: dict[int, list[int]] = {}  # n-gram size -> rounds that guessed position i
+        self._right: dict[int, list[int]] = {}  # ... whose guesses 0..i were all right
+        self._pending: tuple[int, list[int]] | None = None  # (n-gram size, guesses) last round
 
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
         self.history = torch.cat([prompt.long(), torch.tensor([first])])
+        self._pending = None
 
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
         h = self.history  # [L]
-        for n in range(self.max_ngram, 0, -1):
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if h.numel() <= n:
                 continue
             windows = h[:-1].unfold(0, n, 1)  # [L-n, n]: every earlier n-gram (not the tail itself)
             hits = (windows == h[-n:]).all(dim=1).nonzero().flatten()
             if hits.numel():
                 start = int(hits[-1]) + n
-                return Proposal(tokens=h[start : start + k].clone())
+                tokens = h[start : start + k].clone()
+                conf = self._confidence(n, tokens)
+                if conf is not None and self.cost is not None:
+                    conf = conf[: self.cost.best_length(conf, drafted=0)]
+                    tokens = tokens[: len(conf)]
+                return Proposal(tokens=tokens, conf=conf)
+        self._pending = None
         return Proposal(tokens=torch.empty(0, dtype=torch.long))
 
+    def _confidence(self, n: int, tokens: torch.Tensor) -> list[float] | None:
+        if not self.learn:
+            return None
+        self._pending = (n, tokens.tolist())
+        tried, right = self._tried.setdefault(n, []), self._right.setdefault(n, [])
+        conf, out = 1.0, []
+        for i in range(tokens.numel()):
+            t, r = (tried[i], right[i]) if i < len(tried) else (0, 0)
+            conf = min(conf, (r + 1) / (t + 2))  # a prior of 1/2; cumulative: never rises
+            out.append(conf)
+        return out
+
     def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
+        if self._pending is not None:
+            self._score(*self._pending, tokens.tolist())
+            self._pending = None
         self.history = torch.cat([self.history, tokens.long()])
+
+    def _score(self, n: int, guesses: list[int], emitted: list[int]) -> None:
+        """Count the last guesses against the emitted text: right up to the first miss; when
+        every emitted token matched, the guesses past them are unknown (maybe never verified)."""
+        right = 0
+        while right < min(len(guesses), len(emitted)) and guesses[right] == emitted[right]:
+            right += 1
+        known = right if right == len(emitted) else min(right + 1, len(guesses))
+        tried, ok = self._tried[n], self._right[n]
+        while len(tried) < known:
+            tried.append(0)
+            ok.append(0)
+        for i in range(known):
+            tried[i] += 1
+            ok[i] += i < right
 
 
 class Eagle3Drafter:
@@ -58,6 +105,10 @@ class Eagle3Drafter:
     so low-confidence rounds skip the remaining draft steps, and a round proposing nothing
     verifies at q=1 (a plain decode step) instead of a padded q=5. Any stopping rule that only
     reads the draft's own outputs keeps greedy output identical and sampling unbiased.
+
+    Cost-aware length (`cost`, a `specdec.CostModel`): drafting also stops once no further
+    token could be worth its verify, and the chain is cut to the length with the most
+    expected tokens per decode step. The proposal carries the cumulative confidences.
     """
 
     name = "eagle3"
@@ -69,6 +120,7 @@ class Eagle3Drafter:
         self.draft = draft.eval()
         self.aux_layers = aux_layers  # target layers it reads (None = the default)
         self.threshold = adaptive_threshold
+        self.cost: CostModel | None = None  # set by the caller: cost-aware length
         vd = int(draft.d2t.numel())
         self._draft_to_target = torch.arange(vd) + draft.d2t.long()  # [Vd]: gather on ids only
         self._vocab = int(draft.t2d.numel())
@@ -114,6 +166,7 @@ class Eagle3Drafter:
         logits, h = self._logits, self._h  # [Vd], [1, 1, H]
         tokens = torch.empty(k, dtype=torch.long)  # [k] target ids, filled without .item()
         probs: list[torch.Tensor] = []  # [Vd] each, sampling only
+        confs: list[float] = []  # cumulative confidence after each proposed token
         conf, n = 1.0, 0
         for j in range(k):
             # 1. Pick a draft-vocab id (argmax or sample); map THAT id to the target vocab.
@@ -123,15 +176,15 @@ class Eagle3Drafter:
             else:
                 d = logits.argmax()  # 0-d
             # 2. Adaptive k: stop before a token the draft itself doubts (cumulative confidence).
-            if self.threshold > 0:
-                conf *= float(q[d] if temperature > 0 else torch.softmax(logits, -1)[d])
-                if conf < self.threshold:
-                    break
+            conf *= float(q[d] if temperature > 0 else torch.softmax(logits, -1)[d])
+            if conf < self.threshold:
+                break
+            confs.append(conf)
             tokens[j] = self._draft_to_target[d]
             if temperature > 0:
                 probs.append(q)
             n = j + 1
-            if j == k - 1:
+            if j == k - 1 or (self.cost and not self.cost.worth_drafting(confs, k)):
                 break
             # 3. One draft step on the token just proposed, fed its own pre-norm state.
             lg, h = self.draft.decode(
@@ -139,11 +192,14 @@ class Eagle3Drafter:
             )
             logits = lg[0, -1].float()  # [Vd]
         self.cache.crop(keep)  # chain guesses leave; accepted tokens come back with target states
+        if self.cost is not None:  # 4. cost-aware length
+            n = self.cost.best_length(confs)
+            confs, probs = confs[:n], probs[:n]
         full: torch.Tensor | None = None
         if probs:  # one scatter for the whole chain: zero outside the draft vocab
             full = torch.zeros(n, self._vocab)  # [n, V]
             full[:, self._draft_to_target] = torch.stack(probs)
-        return Proposal(tokens=tokens[:n], probs=full)
+        return Proposal(tokens=tokens[:n], probs=full, conf=confs)
 
 
 class MLPDrafter:
@@ -164,6 +220,7 @@ class MLPDrafter:
         self.draft = draft.eval()
         self.n_predict = int(draft.n_predict)
         self.threshold = adaptive_threshold
+        self.cost: CostModel | None = None  # as in Eagle3Drafter
         self._state = torch.empty(0)  # [1, H] target state that emitted `_token`
         self._token = torch.empty(0, dtype=torch.long)  # [1]
 
@@ -181,6 +238,7 @@ class MLPDrafter:
         state, tok = self._state, self._token  # [1, H], [1]
         tokens = torch.empty(steps, dtype=torch.long)  # [k'] target ids (full vocab)
         probs: list[torch.Tensor] = []  # [V] each, sampling only
+        confs: list[float] = []  # cumulative confidence after each proposed token
         conf, n = 1.0, 0
         for i in range(steps):
             # 1. Head i on (previous state, previous token) -> logits over the target vocab.
@@ -192,12 +250,65 @@ class MLPDrafter:
             else:
                 d = lg.argmax()
             # 2. Adaptive k: stop before a token the draft itself doubts.
-            if self.threshold > 0:
-                conf *= float(q[d] if temperature > 0 else torch.softmax(lg, -1)[d])
-                if conf < self.threshold:
-                    break
+            conf *= float(q[d] if temperature > 0 else torch.softmax(lg, -1)[d])
+            if conf < self.threshold:
+                break
+            confs.append(conf)
             tokens[i] = d
             if temperature > 0:
                 probs.append(q)
             n, tok = i + 1, tokens[i : i + 1]  # 3. the guess feeds the next head
-        return Proposal(tokens=tokens[:n], probs=torch.stack(probs) if probs else None)
+            if self.cost and not self.cost.worth_drafting(confs, steps):
+                break
+        if self.cost is not None:  # 4. cost-aware length
+            n = self.cost.best_length(confs)
+            confs, probs = confs[:n], probs[:n]
+        return Proposal(tokens=tokens[:n], probs=torch.stack(probs) if probs else None, conf=confs)
+
+
+class HybridDrafter:
+    """Prompt lookup where the text repeats an n-gram it already holds, the trained draft
+    everywhere else.
+
+    A long exact copy (a quoted passage, code being edited, an extraction answer) is where
+    lookup's guesses are accepted whole and a small draft's are not; elsewhere lookup has
+    nothing to offer. When both propose, the one expecting more accepted tokens (the sum of
+    its cumulative confidences: the draft's own, lookup's learned ones; per decode step when
+    both have a `cost`) goes to the verify. Both see every emitted token (the draft's cache
+    stays in step even in rounds it does not propose). The choice reads only the text so
+    far, so greedy output stays the target's own and sampling stays unbiased.
+    """
+
+    needs_aux = True
+
+    def __init__(self, lookup: PromptLookupDrafter, draft: Any) -> None:
+        self.lookup, self.draft = lookup, draft
+        self.name = f"{draft.name}+lookup"
+
+    @property
+    def cost(self) -> CostModel | None:
+        return self.lookup.cost
+
+    @cost.setter
+    def cost(self, model: CostModel | None) -> None:
+        self.lookup.cost = self.draft.cost = model
+
+    def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
+        self.lookup.start(prompt, None, first)
+        self.draft.start(prompt, aux, first)
+
+    def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
+        found = self.lookup.propose(k, temperature, gen)
+        if not found.tokens.numel():
+            return self.draft.propose(k, temperature, gen)
+        if found.conf is None:  # nothing learned to weigh it by: a match wins
+            return found
+        mine = self.draft.propose(k, temperature, gen)
+        cost = self.lookup.cost
+        if cost is None:
+            return found if sum(found.conf) >= sum(mine.conf or []) else mine
+        return found if cost.rate(found.conf) >= cost.rate(mine.conf or []) else mine
+
+    def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
+        self.lookup.advance(tokens, None)
+        self.draft.advance(tokens, aux)

@@ -17,7 +17,7 @@ import torch
 from specctl.console import Progress, log
 from specctl.errors import InputError, SpecctlError, UsageError
 from specctl.evaluate import metrics, report
-from specctl.evaluate.specdec import DecodeResult, speculative_decode, target_decode
+from specctl.evaluate.specdec import CostModel, DecodeResult, speculative_decode, target_decode
 from specctl.evaluate.tree import tree_decode
 from specctl.evaluate.verifier import Verifier
 
@@ -30,10 +30,11 @@ class EvalConfig:
     max_prompts: int = 10
     max_new_tokens: int = 128
     k: int = 4
-    # adaptive k: cut the chain below this cumulative confidence (0 = off). 0.3 ~ the marginal
-    # cost of one more token (verify step + draft step, in decode steps) with skinny linears;
-    # it was the best of 0.05-0.3 on the held-out prompt set (docs/benchmarks.md), not MT-Bench
-    adaptive_threshold: float = 0.3
+    # adaptive k (EAGLE-2): cut the chain below this cumulative confidence (0 = off)
+    adaptive_threshold: float = 0.0
+    # cost-aware length (specdec.CostModel): each chain is drafted and proposed only as far as
+    # expected tokens per decode step rise on the verifier's cost curve
+    cost_aware: bool = True
     temperature: float = 0.0
     seed: int = 0
     pad_verify: bool = True
@@ -41,6 +42,10 @@ class EvalConfig:
     verify_shapes: tuple[int, ...] | None = None  # cheap verify q's (bench_decode.py); None:
     # the verifier's (VERIFY_SHAPES, or VERIFY_SHAPES_MKL with skinny=false)
     prompt_lookup: bool = True  # the n-gram baseline row
+    # a row where prompt lookup proposes when an n-gram of >= hybrid_min_ngram tokens repeats,
+    # the draft otherwise (drafters.HybridDrafter)
+    hybrid: bool = True
+    hybrid_min_ngram: int = 1
     tree: bool = False  # add an EAGLE-2-style tree row (greedy): depth k, topk branching
     tree_topk: int = 3
     tree_budget: int = 7  # draft nodes per tree (verify q = budget + 1: 8 is a cheap shape)
@@ -109,6 +114,9 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
         last_hidden="mlp" in drafters,
         skinny=cfg.skinny,
     )
+    if cfg.cost_aware:
+        shapes = tuple(cfg.verify_shapes) if cfg.verify_shapes else None
+        setup.use_cost(drafters, CostModel.of(verifier, cfg.pad_verify, shapes))
     prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
     eos = setup.eos_ids(tokenizer, target)
     names = ["target", *drafters]

@@ -7,6 +7,7 @@ first user turn of each conversation, rendered with the generation prompt.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,10 @@ import torch
 from specctl.errors import CheckpointError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from specctl.evaluate.run import EvalConfig, EvalPrompt
+    from specctl.evaluate.specdec import CostModel
 
 
 def load_target(name: str) -> tuple[Any, Any, Path]:
@@ -56,22 +60,43 @@ def cap_k(cfg: EvalConfig, drafters: dict[str, Any]) -> EvalConfig:
 
 
 def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, Any]:
-    from specctl.evaluate.drafters import Eagle3Drafter, MLPDrafter, PromptLookupDrafter
+    from specctl.evaluate.drafters import (
+        Eagle3Drafter,
+        HybridDrafter,
+        MLPDrafter,
+        PromptLookupDrafter,
+    )
     from specctl.export.io import family_of
 
     out: dict[str, Any] = {}
+    chain: Callable[[], Any] | None = None  # a fresh chain drafter (each holds its own state)
     if cfg.draft and family_of(cfg.draft) == "mlp":
-        out["mlp"] = MLPDrafter(load_mlp(Path(cfg.draft), target), cfg.adaptive_threshold)
+        mlp = load_mlp(Path(cfg.draft), target)
+        chain = functools.partial(MLPDrafter, mlp, cfg.adaptive_threshold)
+        out["mlp"] = chain()
     elif cfg.draft:
         draft, aux = load_eagle3(Path(cfg.draft), target)
-        out["eagle3"] = Eagle3Drafter(draft, aux, adaptive_threshold=cfg.adaptive_threshold)
+        chain = functools.partial(Eagle3Drafter, draft, aux, cfg.adaptive_threshold)
+        out["eagle3"] = chain()
         if cfg.tree:
             from specctl.evaluate.tree import Eagle3TreeDrafter
 
             out["eagle3-tree"] = Eagle3TreeDrafter(draft, aux, cfg.tree_topk, cfg.tree_budget)
     if cfg.prompt_lookup:
         out["prompt-lookup"] = PromptLookupDrafter()
+    if cfg.hybrid and chain is not None:
+        hybrid = HybridDrafter(
+            PromptLookupDrafter(min_ngram=cfg.hybrid_min_ngram, learn_confidence=True), chain()
+        )
+        out[hybrid.name] = hybrid
     return out
+
+
+def use_cost(drafters: dict[str, Any], cost: CostModel) -> None:
+    """Cost-aware length for every drafter that takes one (chains, hybrids, learned lookup)."""
+    for drafter in drafters.values():
+        if hasattr(drafter, "cost"):
+            drafter.cost = cost
 
 
 def load_eagle3(path: Path, target: Any) -> tuple[Any, list[int] | None]:

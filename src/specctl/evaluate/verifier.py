@@ -25,6 +25,10 @@ from specctl.target.engines import default_aux_layers
 # cheap verify shapes measured on the 2-thread CPU here (docs/benchmarks.md, bench_decode.py)
 VERIFY_SHAPES = (2, 4, 5, 6, 8)  # skinny linears: cost grows with q, only 3 and 7 are dear
 VERIFY_SHAPES_MKL = (5, 8)  # F.linear: q = 2, 3, 4, 6, 7 cost more than 5 or 8
+# what a verify of q = 1..8 positions costs, in decode steps (same source, 2 threads): the
+# cost-aware chain cut (specdec.best_length) weighs these against the draft's confidences
+VERIFY_COSTS = (1.0, 1.06, 1.36, 1.38, 1.60, 1.80, 2.02, 1.98)
+VERIFY_COSTS_MKL = (1.0, 1.65, 2.12, 1.46, 1.37, 1.41, 1.75, 1.37)
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -141,6 +145,11 @@ class Verifier:
     def verify_shapes(self) -> tuple[int, ...]:
         """The query lengths worth padding a verify to on this verifier's cost curve."""
         return VERIFY_SHAPES if self.skinny else VERIFY_SHAPES_MKL
+
+    @property
+    def verify_costs(self) -> tuple[float, ...]:
+        """Cost of a verify of q = 1, 2, ... positions in decode steps, on the same curve."""
+        return VERIFY_COSTS if self.skinny else VERIFY_COSTS_MKL
 
     def close(self) -> None:
         for h in self._handles:

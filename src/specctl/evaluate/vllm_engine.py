@@ -50,12 +50,12 @@ def check_config(cfg: Any) -> None:
         from specctl.target.engines.vllm import import_vllm
 
         import_vllm()  # raises the one-line InputError naming `make setup-vllm`
-    if cfg.adaptive_threshold > 0:
+    if cfg.adaptive_threshold > 0 or cfg.cost_aware:
         from specctl.console import log
 
         log(
-            "note: vLLM drafts a fixed k per round; with adaptive k on (--adaptive-threshold "
-            f"{cfg.adaptive_threshold}) the eagle3 row is not like for like"
+            "note: vLLM drafts a fixed k per round; with adaptive k or cost-aware lengths on "
+            "the eagle3 row is not like for like"
         )
 
 
