@@ -192,6 +192,7 @@ def test_smollm2_lossless_mtbench(tmp_path: Path) -> None:
             max_new_tokens=10,
             check_lossless=True,
             prompt_lookup=False,
+            hybrid=False,
             threads=1,
             out=str(tmp_path / "rep"),
         )
