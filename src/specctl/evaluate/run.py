@@ -71,7 +71,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.verify_shapes is not None and (not cfg.verify_shapes or min(cfg.verify_shapes) < 2):
         raise UsageError("verify_shapes must be query lengths >= 2, e.g. --set verify_shapes=5,8")
     if not 0.0 <= cfg.adaptive_threshold < 1.0:
-        raise UsageError("--adaptive-threshold must be in [0, 1) (0 = always draft k tokens)")
+        raise UsageError("--adaptive-threshold must be in [0, 1) (0 = off)")
     if cfg.check_lossless and cfg.temperature > 0:
         raise UsageError("--check-lossless compares greedy outputs: use --temperature 0")
     if cfg.tree and (cfg.temperature > 0 or not cfg.draft):
