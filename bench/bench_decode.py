@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -62,28 +59,12 @@ def random_draft(target: Any, draft_vocab: int = 8192, seed: int = 0) -> Any:
 def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
     """Median ms of a q-token forward (q = 1..8) on `context`'s cache, skinny linears on and
     off, all shuffled together; ratios to the F.linear q=1 step and to the same path's q=1."""
-    from specctl.skinny import use_skinny_linears
+    from specctl.evaluate.calibrate import MAX_Q, cheap_shapes, forward_ms
 
-    verifier.reset()
-    verifier.forward(context)
-    n0 = verifier.length
-    cells = [(sk, q) for sk in (True, False) for q in range(1, 9)]
-    times: dict[tuple[bool, int], list[float]] = {c: [] for c in cells}
-    order = cells * reps
-    random.Random(0).shuffle(order)
-    ids = torch.randint(0, 1000, (8,))
-    for sk, q in order:
-        use_skinny_linears(verifier.model, sk)
-        t = time.perf_counter()
-        logits, _ = verifier.forward(ids[:q], aux=True)
-        logits.argmax(-1)
-        times[(sk, q)].append(time.perf_counter() - t)
-        verifier.crop(verifier.length - n0)
-    use_skinny_linears(verifier.model, verifier.skinny)
-    med = {c: statistics.median(ts) * 1e3 for c, ts in times.items()}
+    med = forward_ms(verifier, context, reps, paths=(True, False))
     rows: list[dict] = []
     for sk in (True, False):
-        own = {q: med[(sk, q)] for q in range(1, 9)}
+        own = {q: med[(sk, q)] for q in range(1, MAX_Q + 1)}
         rows += [
             {
                 "bench": "verify_cost",
@@ -96,8 +77,7 @@ def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
             for q, ms in own.items()
         ]
         # the cheapest q >= n for every n real positions: the shapes worth padding to here
-        shapes = sorted({min(range(n, 9), key=own.__getitem__) for n in range(2, 9)})
-        rows.append({"bench": "verify_shapes", "skinny": sk, "shapes": shapes})
+        rows.append({"bench": "verify_shapes", "skinny": sk, "shapes": list(cheap_shapes(own))})
     return rows
 
 

@@ -94,6 +94,9 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
     assert sum(rep["rows"]["eagle3"]["time_share"].values()) == pytest.approx(1.0)
     assert set(a["time_ms_per_round"]["eagle3"]) == {"draft", "verify", "overhead"}
     assert sum(a["k_histogram"]) == rep["rows"]["eagle3"]["rounds"]
+    curve = a["verify_curve"]  # timed on this machine before decoding, in the report too
+    assert curve["measured"] and len(curve["costs"]) == 8 and curve["costs"][0] == 1.0
+    assert curve["shapes"][-1] == 8 and rep["verify_curve"] == curve
     assert (root / "rep-ckpt/acceptance.png").read_bytes()[:4] == b"\x89PNG"
 
     exp = _summary(
@@ -159,6 +162,7 @@ def test_user_errors_are_one_line(tiny: dict[str, Path]) -> None:
 
 def test_eval_accept_sampling_runs(tiny: dict[str, Path]) -> None:
     from specctl.evaluate.run import EvalConfig, run_eval
+    from specctl.evaluate.verifier import VERIFY_COSTS, VERIFY_SHAPES
 
     s = run_eval(
         EvalConfig(
@@ -170,10 +174,16 @@ def test_eval_accept_sampling_runs(tiny: dict[str, Path]) -> None:
             temperature=0.8,
             adaptive_threshold=0.05,
             threads=1,
+            calibrate=False,
             out=str(tiny["root"] / "rep-sample"),
         )
     )
     assert s["lossless"] is None and s["acceptance_length"] >= 1.0
+    assert s["verify_curve"] == {  # not timed: the curve stored from this project's CPU
+        "measured": False,
+        "costs": list(VERIFY_COSTS),
+        "shapes": list(VERIFY_SHAPES),
+    }
     assert len(s["k_histogram"]) == 5 and sum(s["k_histogram"]) > 0
 
 

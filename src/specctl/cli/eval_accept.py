@@ -44,7 +44,8 @@ def command(
             help="Adaptive k (EAGLE-2): stop drafting when the draft's cumulative top-1 "
             "probability drops below this (default 0 = off). Each chain's length is chosen "
             "by the cost-aware rule anyway (expected tokens per decode step on the verify "
-            "cost curve); `--set cost_aware=false` with 0 always drafts k tokens.",
+            "cost curve, timed on this machine before decoding; `--set calibrate=false` uses "
+            "the stored curve); `--set cost_aware=false` with 0 always drafts k tokens.",
         ),
     ] = None,
     temperature: Annotated[

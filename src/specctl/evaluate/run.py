@@ -40,7 +40,10 @@ class EvalConfig:
     pad_verify: bool = True
     skinny: bool = True  # target linears take specctl.skinny's path for decode / verify rows
     verify_shapes: tuple[int, ...] | None = None  # cheap verify q's (bench_decode.py); None:
-    # the verifier's (VERIFY_SHAPES, or VERIFY_SHAPES_MKL with skinny=false)
+    # the verifier's (measured at start, or VERIFY_SHAPES / VERIFY_SHAPES_MKL without calibrate)
+    # time q = 1..8 target forwards before decoding (~2 s, calibrate.py): the verify cost
+    # curve the cost-aware lengths and the padding read; false: the constants measured here
+    calibrate: bool = True
     prompt_lookup: bool = True  # the n-gram baseline row
     # a row where prompt lookup proposes when an n-gram of >= hybrid_min_ngram tokens repeats,
     # the draft otherwise (drafters.HybridDrafter)
@@ -114,10 +117,11 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
         last_hidden="mlp" in drafters,
         skinny=cfg.skinny,
     )
+    prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
+    curve = _calibrate(cfg, verifier, prompts[0].ids)
     if cfg.cost_aware:
         shapes = tuple(cfg.verify_shapes) if cfg.verify_shapes else None
         setup.use_cost(drafters, CostModel.of(verifier, cfg.pad_verify, shapes))
-    prompts = setup.load_eval_prompts(cfg.data, tokenizer, cfg.max_prompts)
     eos = setup.eos_ids(tokenizer, target)
     names = ["target", *drafters]
     results: dict[str, list[DecodeResult]] = {n: [] for n in names}
@@ -138,7 +142,25 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
         from specctl.evaluate import vllm_engine
 
         agreement = vllm_engine.add_row(cfg, rows, results, prompts, eos, model_path)
-    return _write(cfg, rows, results, prompts, mismatches, model_path, agreement)
+    return _write(cfg, rows, results, prompts, mismatches, model_path, agreement, curve)
+
+
+def _calibrate(cfg: EvalConfig, verifier: Verifier, context: torch.Tensor) -> dict[str, Any]:
+    """The verify cost curve the run decides with: measured here, or the stored constants."""
+    if cfg.calibrate and cfg.engine == "hf":
+        from specctl.evaluate import calibrate
+
+        curve = calibrate.measure(verifier, context)
+        verifier.curve = (curve.costs, curve.shapes)
+        log(
+            f"verify cost curve (q = 1..{len(curve.costs)}, decode steps of {curve.step_ms:.1f} ms): "
+            f"{' '.join(f'{c:.2f}' for c in curve.costs)}; pad to {list(curve.shapes)}"
+        )
+    return {
+        "measured": verifier.curve is not None,
+        "costs": list(verifier.verify_costs),
+        "shapes": list(verifier.verify_shapes),
+    }
 
 
 def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos: tuple[int, ...]):
@@ -205,6 +227,7 @@ def _write(
     mismatches: dict[str, int],
     model_path: Path,
     agreement: dict[str, Any] | None = None,
+    curve: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cats = sorted({p.category for p in prompts if p.category})
     by_cat = {
@@ -225,6 +248,7 @@ def _write(
         "rows": rows,
         "categories": by_cat,
         "lossless_mismatches": mismatches,
+        "verify_curve": curve,
         **({"engine_agreement": agreement} if agreement else {}),
     }
     report.write_json(full, json_path)
@@ -248,6 +272,7 @@ def _write(
             for n, r in rows.items()
         },
         "k_histogram": rows[main]["k_histogram"],
+        "verify_curve": curve,
         "lossless": (
             None
             if cfg.temperature > 0

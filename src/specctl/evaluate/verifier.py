@@ -70,6 +70,8 @@ class Verifier:
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in hooked.items()]
         self.cache: Any = None
         self.vocab_size = int(model.config.vocab_size)
+        # (costs, shapes) measured on this machine (`calibrate.measure`); None: the constants
+        self.curve: tuple[tuple[float, ...], tuple[int, ...]] | None = None
 
     def _hook(self, layer: int) -> Any:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -143,12 +145,17 @@ class Verifier:
 
     @property
     def verify_shapes(self) -> tuple[int, ...]:
-        """The query lengths worth padding a verify to on this verifier's cost curve."""
+        """The query lengths worth padding a verify to on this verifier's cost curve: the
+        measured one (`curve`, set from `calibrate.measure`) or the constants measured here."""
+        if self.curve is not None:
+            return self.curve[1]
         return VERIFY_SHAPES if self.skinny else VERIFY_SHAPES_MKL
 
     @property
     def verify_costs(self) -> tuple[float, ...]:
         """Cost of a verify of q = 1, 2, ... positions in decode steps, on the same curve."""
+        if self.curve is not None:
+            return self.curve[0]
         return VERIFY_COSTS if self.skinny else VERIFY_COSTS_MKL
 
     def close(self) -> None:
@@ -158,3 +165,4 @@ class Verifier:
         if self.skinny:
             use_skinny_linears(self.model, False)
             self.skinny = False
+            self.curve = None  # measured on the skinny path

@@ -1,0 +1,87 @@
+"""The verify cost curve of the machine at hand, measured in a few seconds.
+
+What a q-token target forward costs relative to a decode step (q = 1) decides two things:
+which query lengths a verify is padded to (`verify_len`) and how long a chain is worth
+proposing (`specdec.CostModel`). The curve depends on the CPU, its thread count and the GEMM
+path (skinny linears or MKL), so constants measured on one box mislead on another: with 2
+threads here q = 2 costs 1.06 steps, with 1 thread q = 4 can be the cheap shape, on a GPU the
+curve is flat. `measure` times every q on the real model and cache before decoding starts.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from specctl.evaluate.verifier import Verifier
+
+MAX_Q = 8  # verify shapes considered: k <= 7 draft tokens (+1 for the verified position)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A verify of q = 1..MAX_Q positions in decode steps, and the q's worth padding to."""
+
+    costs: tuple[float, ...]
+    shapes: tuple[int, ...]
+    step_ms: float  # one decode step (q = 1), the unit
+
+
+def forward_ms(
+    verifier: Verifier,
+    context: torch.Tensor,
+    reps: int,
+    paths: Iterable[bool] = (True,),
+    seed: int = 0,
+) -> dict[tuple[bool, int], float]:
+    """Median ms of a q-token forward on `context`'s cache, {(skinny, q): ms}.
+
+    Every (path, q) cell is timed `reps` times in one shuffled order, so load drift hits all
+    alike; each timed forward is cropped away. One untimed pass first (first-call setup). The
+    verifier's cache is reset afterwards and its own path restored.
+    """
+    from specctl.skinny import use_skinny_linears
+
+    verifier.reset()
+    verifier.forward(context)
+    n0 = verifier.length
+    cells = [(sk, q) for sk in paths for q in range(1, MAX_Q + 1)]
+    timed = cells * reps
+    random.Random(seed).shuffle(timed)
+    order = cells + timed  # the first pass is the warm-up
+    ids = context[-MAX_Q:].repeat(MAX_Q)[:MAX_Q]  # real token ids, enough for any q
+    times: dict[tuple[bool, int], list[float]] = {c: [] for c in cells}
+    own = verifier.skinny
+    try:
+        for i, (sk, q) in enumerate(order):
+            use_skinny_linears(verifier.model, sk)
+            t = time.perf_counter()
+            logits, _ = verifier.forward(ids[:q], aux=True)
+            logits.argmax(-1)
+            if i >= len(cells):
+                times[(sk, q)].append(time.perf_counter() - t)
+            verifier.crop(verifier.length - n0)
+    finally:
+        use_skinny_linears(verifier.model, own)
+        verifier.reset()
+    return {c: statistics.median(ts) * 1e3 for c, ts in times.items()}
+
+
+def cheap_shapes(ms: dict[int, float]) -> tuple[int, ...]:
+    """The cheapest q >= n for every n >= 2 real positions: the shapes worth padding to."""
+    top = max(ms)
+    return tuple(sorted({min(range(n, top + 1), key=ms.__getitem__) for n in range(2, top + 1)}))
+
+
+def measure(verifier: Verifier, context: torch.Tensor, reps: int = 7) -> Curve:
+    """The curve of the verifier's own GEMM path on this machine (~2 s for a 135M model)."""
+    if context.numel() < 1:
+        raise ValueError("calibration needs a non-empty context")
+    ms = {q: t for (_, q), t in forward_ms(verifier, context, reps, (verifier.skinny,)).items()}
+    costs = tuple(round(ms[q] / ms[1], 3) for q in range(1, MAX_Q + 1))
+    return Curve(costs, cheap_shapes(ms), round(ms[1], 3))

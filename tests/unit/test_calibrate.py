@@ -1,0 +1,88 @@
+"""The verify cost curve is measured on the model at hand: a dear shape shows up and is skipped."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specctl.evaluate import calibrate
+from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
+from specctl.evaluate.verifier import Verifier
+from specctl.skinny import skinny_enabled
+
+pytestmark = pytest.mark.unit
+
+
+def _tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_cheap_shapes_pad_to_the_cheapest_longer_query() -> None:
+    mkl = dict(enumerate((1.0, 1.65, 2.12, 1.46, 1.37, 1.41, 1.75, 1.37), start=1))
+    assert calibrate.cheap_shapes(mkl) == (5, 8)  # 2-4 pad to 5, 6-7 to 8 (a tie keeps 5)
+    flat = {q: 1.0 for q in range(1, 9)}  # a GPU: every q costs one step, nothing padded
+    assert calibrate.cheap_shapes(flat) == tuple(range(2, 9))
+    dear_3_and_7 = dict(enumerate((1.0, 1.06, 1.5, 1.38, 1.6, 1.8, 2.1, 1.98), start=1))
+    assert calibrate.cheap_shapes(dear_3_and_7) == (2, 4, 5, 6, 8)
+
+
+def test_measure_finds_a_dear_shape_and_leaves_the_verifier_clean() -> None:
+    model = _tiny()
+    ver = Verifier(model)
+
+    def slow_q3(_mod, args, kwargs):  # q = 3 costs 100 ms more than any other query length
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] == 3:
+            time.sleep(0.1)
+
+    handle = model.register_forward_pre_hook(slow_q3, with_kwargs=True)
+    curve = calibrate.measure(ver, torch.arange(5, 40), reps=5)
+    handle.remove()
+    assert len(curve.costs) == calibrate.MAX_Q and curve.costs[0] == 1.0 and curve.step_ms > 0
+    assert curve.costs[2] == max(curve.costs)  # q=3 the dearest (a tiny forward is ~1 ms)
+    assert 3 not in curve.shapes and 8 in curve.shapes  # 2 real positions never run at q=3
+    assert ver.length == 0 and skinny_enabled(model)  # cache reset, skinny path restored
+
+    ver.curve = (curve.costs, curve.shapes)
+    assert ver.verify_shapes == curve.shapes and ver.verify_costs == curve.costs
+    cost = CostModel.of(ver)
+    assert cost.verify(3) == cost.verify(4) == curve.costs[3]  # 2 drafts + 1 pad to q=4
+    ver.close()
+    assert ver.curve is None and not skinny_enabled(model)
+
+
+def test_measured_curve_keeps_greedy_output() -> None:
+    model = _tiny()
+    ver = Verifier(model)
+    prompt = torch.arange(3, 30)
+    ref = target_decode(ver, prompt, max_new_tokens=16)
+    curve = calibrate.measure(ver, prompt, reps=1)
+    ver.curve = (curve.costs, (4, 8))  # any padding: greedy text is the target's
+
+    class Shifted:  # proposes the target's own next tokens, the 3rd one wrong
+        name, needs_aux = "shifted", False
+
+        def start(self, prompt, aux, first):
+            self.pos = 1
+
+        def propose(self, k, temperature, gen):
+            from specctl.evaluate.specdec import Proposal
+
+            toks = list(ref.tokens[self.pos : self.pos + k])
+            if len(toks) >= 3:
+                toks[2] = (toks[2] + 1) % 256
+            return Proposal(torch.tensor(toks, dtype=torch.long))
+
+        def advance(self, tokens, aux):
+            self.pos += tokens.numel()
+
+    out = speculative_decode(ver, Shifted(), prompt, k=5, max_new_tokens=16)
+    assert out.tokens == ref.tokens and max(out.accepted) == 2
