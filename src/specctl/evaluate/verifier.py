@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from specctl.skinny import use_skinny_linears
-from specctl.target.engines import default_aux_layers
+from specctl.target.engines import cache_kwarg, default_aux_layers
 
 # cheap verify shapes measured on the 2-thread CPU here (docs/benchmarks.md, bench_decode.py)
 VERIFY_SHAPES = (2, 4, 5, 6, 8)  # skinny linears: cost grows with q, only 3 and 7 are dear
@@ -117,10 +117,10 @@ class Verifier:
             mask = mask[None, None]  # [1, 1, q, start + q]
         out = self.model(
             input_ids=ids[None],
-            past_key_values=self.cache,
             use_cache=True,
             position_ids=(start + offs)[None],
             attention_mask=mask,
+            **{cache_kwarg(self.model): self.cache},
         )
         self.capture = False
         logits = out.logits[0].float()

@@ -12,6 +12,7 @@ An engine owns a loaded target and its tokenizer and does two things:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +55,25 @@ class Engine(Protocol):
     ) -> list[list[int]]: ...
 
     def close(self) -> None: ...
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward kwarg an HF model takes its KV cache in: `cache` from transformers 5.25 on
+    (`past_key_values` warns there and goes away in 5.40), `past_key_values` before."""
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+def out_cache(out: Any) -> Any:
+    """The KV cache an HF forward returned, under either name (see `cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def default_aux_layers(num_layers: int) -> list[int]:

@@ -22,7 +22,13 @@ import torch
 
 from specctl.skinny import use_skinny_linears
 from specctl.target.capture import HiddenCapture, decoder_parts
-from specctl.target.engines import Captured, SamplingParams, check_aux_layers
+from specctl.target.engines import (
+    Captured,
+    SamplingParams,
+    cache_kwarg,
+    check_aux_layers,
+    out_cache,
+)
 from specctl.target.models import load_model, load_tokenizer
 from specctl.target.template import Tokenized
 
@@ -110,11 +116,11 @@ class HFEngine:
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_kwarg(self.model): cache},
             )
-            cache = out.past_key_values
+            cache = out_cache(out)
             # 3. one draw per row with the row's own generator: [B, V] -> B tokens
             nxt = sample_rows(out.logits[:, -1].float(), params, [gens[r] for r in rows])
             for r, tok in zip(rows, nxt, strict=True):
