@@ -9,10 +9,11 @@ caches roll back to the emitted text. Batch size 1.
 - Temperature > 0 uses the standard speculative sampling rule (Leviathan et al., Chen et al.):
   accept d with probability min(1, p(d)/q(d)), on rejection sample from norm(max(0, p - q)),
   after k acceptances sample a bonus token from p. The output is distributed as the target's.
-- The verify query is padded to cheap GEMM shapes (`verify_len`; `bench/bench_decode.py`
-  measures the curve on the machine at hand). With the target's skinny linears (the
-  default, `specctl.skinny`) a q-token forward costs 1.05 / 1.35 / 1.35 / 1.6 decode steps for
-  q = 2..5, so only 3 -> 4 and 7 -> 8 are padded (VERIFY_SHAPES); with MKL's own `F.linear`
+- The verify query is padded to cheap GEMM shapes (`verify_len`; eval-accept times the
+  curve on the machine at hand before decoding, `calibrate.py`). Here, with the target's
+  skinny linears (the default, `specctl.skinny`), a q-token forward costs about 1.05 /
+  1.35 / 1.35 / 1.6 decode steps for q = 2..5, so only 3 -> 4 and 7 -> 8 are padded
+  (VERIFY_SHAPES, the stored curve); with MKL's own `F.linear`
   q = 2, 3, 7 cost 1.6-2x a step and q = 5 only 1.37x, so everything pads to 5 or 8
   (VERIFY_SHAPES_MKL). Padding sits after the real positions, so the causal mask keeps it
   from touching their logits; it is cropped away. A round proposing nothing (adaptive k, no
@@ -86,7 +87,7 @@ class DecodeResult:
 def verify_len(n_real: int, pad: bool = True, shapes: tuple[int, ...] = VERIFY_SHAPES) -> int:
     """The query length to run for n_real real positions: the next cheap shape.
 
-    `shapes` come from `bench/bench_decode.py`'s verify curve on the machine at hand (with
+    `shapes` come from the verify curve of the machine at hand (`calibrate.measure`; with
     1 thread q=4 can be the cheap one); a round with nothing proposed runs at q=1.
     """
     if not pad or n_real == 1:
