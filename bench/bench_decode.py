@@ -8,9 +8,10 @@ On SmolLM2-135M (`smollm2-135m`) in ONE run:
   shapes worth padding verify to on this machine, for each path.
 - `round`: per-round draft / verify / overhead (bookkeeping: accept, crop, emit) ms and
   their ratio to the plain decode step, for a random 8k-vocab EAGLE-3 draft (optionally
-  with adaptive k; `-cost`: cost-aware lengths, `specdec.CostModel`) and for prompt lookup;
-  with `--draft`, the trained draft the same ways and with lookup (`eagle3+lookup`,
-  cost-aware); the target alone gives the step. A `target-mkl`
+  with adaptive k; `-cost`: cost-aware lengths, `specdec.CostModel`, on the curve just
+  measured) and for prompt lookup; with `--draft`, the trained draft the same ways and with
+  lookup (`eagle3+lookup`, cost-aware; `-learned`: confidences learned while decoding,
+  `confidence.Calibration`); the target alone gives the step. A `target-mkl`
   row decodes with `F.linear` instead of the skinny linears: the skinny gain, same run.
 
 Variants are interleaved per prompt in rotating order; medians of per-call times are kept.
@@ -101,8 +102,13 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
                 trained, aux, adaptive_threshold=thr
             )
         out["eagle3-cost"] = Eagle3Drafter(trained, aux)
+        out["eagle3-cost-learned"] = Eagle3Drafter(trained, aux, learn_confidence=True)
         out["eagle3+lookup"] = HybridDrafter(
             PromptLookupDrafter(learn_confidence=True), Eagle3Drafter(trained, aux)
+        )
+        out["eagle3+lookup-learned"] = HybridDrafter(
+            PromptLookupDrafter(learn_confidence=True),
+            Eagle3Drafter(trained, aux, learn_confidence=True),
         )
     out["prompt-lookup"] = PromptLookupDrafter()
     return out
@@ -118,12 +124,15 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     target, tok, model_path = setup.load_target("smollm2-135m")
     drafters = _variants(args, target, model_path)
     verifier = Verifier(target)
-    for name, drafter in drafters.items():
-        if name.endswith("-cost") or name.endswith("+lookup"):
-            drafter.cost = CostModel.of(verifier)
     prompts = [p.ids for p in setup.load_eval_prompts(args.data, tok, args.prompts)]
     context = torch.cat([p.ids for p in setup.load_eval_prompts("mtbench", tok, 3)])[:300]
     rows = verify_curve(verifier, context, args.reps)
+    skinny = [r for r in rows if r["bench"] == "verify_cost" and r["skinny"]]
+    shapes = next(r["shapes"] for r in rows if r["bench"] == "verify_shapes" and r["skinny"])
+    verifier.curve = (tuple(r["ratio"] for r in skinny), tuple(shapes))  # as eval-accept does
+    for name, drafter in drafters.items():
+        if name.endswith(("-cost", "+lookup", "-learned")):
+            drafter.cost = CostModel.of(verifier)
     names = ["target", "target-mkl", *drafters]
     res: dict[str, list[Any]] = {n: [] for n in names}
 

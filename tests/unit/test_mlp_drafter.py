@@ -8,7 +8,7 @@ import torch
 
 from specctl.draft.mlp import MLPSpeculator, MLPSpeculatorConfig
 from specctl.evaluate.drafters import MLPDrafter
-from specctl.evaluate.specdec import DecodeResult, speculative_decode, target_decode
+from specctl.evaluate.specdec import CostModel, DecodeResult, speculative_decode, target_decode
 from specctl.evaluate.verifier import Verifier
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -130,8 +130,13 @@ def test_trained_draft_is_accepted_and_lossless() -> None:
         opt.step()
     draft.eval()
     results = {}
-    for name, d in (("trained", draft), ("random", _draft(seed=2))):
-        drafter = MLPDrafter(d)
+    learned = MLPDrafter(draft, learn_confidence=True)  # cost-aware, confidences learned
+    learned.cost = CostModel.of(ver)
+    for name, drafter in (
+        ("trained", MLPDrafter(draft)),
+        ("random", MLPDrafter(_draft(seed=2))),
+        ("learned", learned),
+    ):
         results[name] = [
             speculative_decode(ver, drafter, p, k=3, max_new_tokens=NEW) for p in eval_p
         ]
@@ -140,6 +145,7 @@ def test_trained_draft_is_accepted_and_lossless() -> None:
         assert [r.tokens for r in rs] == refs, name
     # measured 3.29 vs 1.0; feeding head 0 the state one row early gives 2.36
     assert _al(results["trained"]) > 2.8 and _al(results["random"]) < 1.5
+    assert learned.calibration is not None and sum(learned.calibration.tried) > 0
 
 
 def test_sampling_proposes_full_vocab_distributions(target: torch.nn.Module) -> None:

@@ -334,6 +334,27 @@ def test_hybrid_with_learned_lookup_confidence_is_lossless(setup: dict) -> None:
             assert res.tokens == ref
 
 
+def test_learned_confidence_lets_an_underconfident_draft_propose(setup: dict) -> None:
+    """The tiny trained draft is right far more often than its ~1/128 top-1 probability says:
+    the cost model alone never lets it propose; learned from the rounds verified so far, its
+    confidence does, across prompts, and greedy output is still the target's."""
+    ver = setup["ver"]
+    plain, learned = (
+        Eagle3Drafter(setup["trained"]),
+        Eagle3Drafter(setup["trained"], None, 0.0, True),
+    )
+    runs: dict[str, list] = {"plain": [], "learned": []}
+    for d, name in ((plain, "plain"), (learned, "learned")):
+        d.cost = CostModel.of(ver)
+        for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+            res = speculative_decode(ver, d, p, k=4, max_new_tokens=NEW)
+            assert res.tokens == ref
+            runs[name].append(res)
+    al = {n: sum(sum(r.emitted) for r in rs) / sum(r.rounds for r in rs) for n, rs in runs.items()}
+    assert al["plain"] == 1.0 and al["learned"] > 1.4
+    assert learned.calibration is not None and learned.calibration(0.01) > 0.5
+
+
 @pytest.mark.parametrize("draft", ["random", "trained"])
 def test_cost_aware_chain_is_the_best_prefix_and_lossless(setup: dict, draft: str) -> None:
     """With a cost model the chain is the best-rate prefix of the full one: all of it on a

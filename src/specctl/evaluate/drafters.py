@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from specctl.evaluate.confidence import Calibration
 from specctl.evaluate.specdec import CostModel, Proposal
 
 
@@ -109,18 +110,27 @@ class Eagle3Drafter:
     Cost-aware length (`cost`, a `specdec.CostModel`): drafting also stops once no further
     token could be worth its verify, and the chain is cut to the length with the most
     expected tokens per decode step. The proposal carries the cumulative confidences.
+
+    `learn_confidence`: each token's probability goes through a `confidence.Calibration`
+    learned from the rounds verified so far (how often guesses that sure were accepted)
+    before the cut and the cost model read it.
     """
 
     name = "eagle3"
     needs_aux = True
 
     def __init__(
-        self, draft: Any, aux_layers: list[int] | None = None, adaptive_threshold: float = 0.0
+        self,
+        draft: Any,
+        aux_layers: list[int] | None = None,
+        adaptive_threshold: float = 0.0,
+        learn_confidence: bool = False,
     ) -> None:
         self.draft = draft.eval()
         self.aux_layers = aux_layers  # target layers it reads (None = the default)
         self.threshold = adaptive_threshold
         self.cost: CostModel | None = None  # set by the caller: cost-aware length
+        self.calibration = Calibration() if learn_confidence else None
         vd = int(draft.d2t.numel())
         self._draft_to_target = torch.arange(vd) + draft.d2t.long()  # [Vd]: gather on ids only
         self._vocab = int(draft.t2d.numel())
@@ -133,6 +143,8 @@ class Eagle3Drafter:
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
         self.cache = self._new_cache()
         assert aux is not None
+        if self.calibration is not None:
+            self.calibration.forget()
         # (x_{t+1}, g_t) pairs: tokens shifted one left, ending with the target's first token.
         self._read(torch.cat([prompt[1:].long(), torch.tensor([first])]), aux)
 
@@ -144,6 +156,8 @@ class Eagle3Drafter:
     @torch.inference_mode()
     def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
         assert aux is not None
+        if self.calibration is not None:
+            self.calibration.score(tokens.tolist())
         self._read(tokens.long(), aux)
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
@@ -167,6 +181,7 @@ class Eagle3Drafter:
         tokens = torch.empty(k, dtype=torch.long)  # [k] target ids, filled without .item()
         probs: list[torch.Tensor] = []  # [Vd] each, sampling only
         confs: list[float] = []  # cumulative confidence after each proposed token
+        raw: list[float] = []  # each token's own draft probability (given the chain before it)
         conf, n = 1.0, 0
         for j in range(k):
             # 1. Pick a draft-vocab id (argmax or sample); map THAT id to the target vocab.
@@ -176,7 +191,8 @@ class Eagle3Drafter:
             else:
                 d = logits.argmax()  # 0-d
             # 2. Adaptive k: stop before a token the draft itself doubts (cumulative confidence).
-            conf *= float(q[d] if temperature > 0 else torch.softmax(logits, -1)[d])
+            raw.append(float(q[d] if temperature > 0 else torch.softmax(logits, -1)[d]))
+            conf *= self.calibration(raw[-1]) if self.calibration else raw[-1]
             if conf < self.threshold:
                 break
             confs.append(conf)
@@ -192,6 +208,8 @@ class Eagle3Drafter:
             )
             logits = lg[0, -1].float()  # [Vd]
         self.cache.crop(keep)  # chain guesses leave; accepted tokens come back with target states
+        if self.calibration is not None:  # every drafted guess is scored, proposed or not
+            self.calibration.expect(tokens[:n].tolist(), raw[:n])
         if self.cost is not None:  # 4. cost-aware length
             n = self.cost.best_length(confs)
             confs, probs = confs[:n], probs[:n]
@@ -216,21 +234,28 @@ class MLPDrafter:
     name = "mlp"
     needs_aux = True  # "aux" = the final-norm hidden state [n, H] (Verifier last_hidden)
 
-    def __init__(self, draft: Any, adaptive_threshold: float = 0.0) -> None:
+    def __init__(
+        self, draft: Any, adaptive_threshold: float = 0.0, learn_confidence: bool = False
+    ) -> None:
         self.draft = draft.eval()
         self.n_predict = int(draft.n_predict)
         self.threshold = adaptive_threshold
         self.cost: CostModel | None = None  # as in Eagle3Drafter
+        self.calibration = Calibration() if learn_confidence else None  # as in Eagle3Drafter
         self._state = torch.empty(0)  # [1, H] target state that emitted `_token`
         self._token = torch.empty(0, dtype=torch.long)  # [1]
 
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
         assert aux is not None
         self._state, self._token = aux[-1:], torch.tensor([first])  # the prefill's last row
+        if self.calibration is not None:
+            self.calibration.forget()
 
     def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
         assert aux is not None  # aux[j] emitted tokens[j]: the last pair feeds head 0
         self._state, self._token = aux[-1:], tokens[-1:].long()
+        if self.calibration is not None:
+            self.calibration.score(tokens.tolist())
 
     @torch.inference_mode()
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
@@ -239,6 +264,7 @@ class MLPDrafter:
         tokens = torch.empty(steps, dtype=torch.long)  # [k'] target ids (full vocab)
         probs: list[torch.Tensor] = []  # [V] each, sampling only
         confs: list[float] = []  # cumulative confidence after each proposed token
+        raw: list[float] = []  # each token's own probability (given the chain before it)
         conf, n = 1.0, 0
         for i in range(steps):
             # 1. Head i on (previous state, previous token) -> logits over the target vocab.
@@ -250,7 +276,8 @@ class MLPDrafter:
             else:
                 d = lg.argmax()
             # 2. Adaptive k: stop before a token the draft itself doubts.
-            conf *= float(q[d] if temperature > 0 else torch.softmax(lg, -1)[d])
+            raw.append(float(q[d] if temperature > 0 else torch.softmax(lg, -1)[d]))
+            conf *= self.calibration(raw[-1]) if self.calibration else raw[-1]
             if conf < self.threshold:
                 break
             confs.append(conf)
@@ -260,6 +287,8 @@ class MLPDrafter:
             n, tok = i + 1, tokens[i : i + 1]  # 3. the guess feeds the next head
             if self.cost and not self.cost.worth_drafting(confs, steps):
                 break
+        if self.calibration is not None:  # every drafted guess is scored, proposed or not
+            self.calibration.expect(tokens[:n].tolist(), raw[:n])
         if self.cost is not None:  # 4. cost-aware length
             n = self.cost.best_length(confs)
             confs, probs = confs[:n], probs[:n]

@@ -35,6 +35,9 @@ class EvalConfig:
     # cost-aware length (specdec.CostModel): each chain is drafted and proposed only as far as
     # expected tokens per decode step rise on the verifier's cost curve
     cost_aware: bool = True
+    # the chain's confidences as observed acceptance rates, learned from the rounds verified
+    # so far (confidence.Calibration): a young or shifted draft stops paying for verifies
+    learn_confidence: bool = False
     temperature: float = 0.0
     seed: int = 0
     pad_verify: bool = True

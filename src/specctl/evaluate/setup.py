@@ -72,11 +72,13 @@ def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, 
     chain: Callable[[], Any] | None = None  # a fresh chain drafter (each holds its own state)
     if cfg.draft and family_of(cfg.draft) == "mlp":
         mlp = load_mlp(Path(cfg.draft), target)
-        chain = functools.partial(MLPDrafter, mlp, cfg.adaptive_threshold)
+        chain = functools.partial(MLPDrafter, mlp, cfg.adaptive_threshold, cfg.learn_confidence)
         out["mlp"] = chain()
     elif cfg.draft:
         draft, aux = load_eagle3(Path(cfg.draft), target)
-        chain = functools.partial(Eagle3Drafter, draft, aux, cfg.adaptive_threshold)
+        chain = functools.partial(
+            Eagle3Drafter, draft, aux, cfg.adaptive_threshold, cfg.learn_confidence
+        )
         out["eagle3"] = chain()
         if cfg.tree:
             from specctl.evaluate.tree import Eagle3TreeDrafter
