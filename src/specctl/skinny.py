@@ -8,11 +8,17 @@ are slower than M = 5); the same product computed as (W @ x^T)^T, W as the left 
 streams W at 20-35 GB/s for M >= 2. M = 1 has no fast path of its own (a GEMV either way),
 so it runs as two rows and the copy is dropped.
 
-`linear(x, w, b)` is the dispatch: the skinny path for inference calls (grad disabled) of at
-most MAX_ROWS fp32 CPU rows, `F.linear` for everything else (training, prefills, other
-dtypes and devices). The EAGLE-3 draft's decode path calls it directly (its step halves);
-`use_skinny_linears(model)` routes every `nn.Linear` of a model (the HF target) through it,
-one attribute per module, undone by `use_skinny_linears(model, False)`.
+Whether it pays depends on the CPU's BLAS: on an Intel Xeon with AMX (oneDNN) `F.linear`
+itself streams a 1-row product fast and the skinny form is 2x slower. So the row counts that
+take the skinny path are a choice measured on the machine at hand: eval-accept times target
+forwards both ways before decoding (`evaluate.calibrate`) and keeps, per row count, the
+faster one (`use_skinny_linears(model, rows=...)`, and `set_default_rows` for the draft).
+
+`linear(x, w, b)` is the dispatch: the skinny path for inference calls (grad disabled) of
+fp32 CPU rows whose count is in the chosen set (1..MAX_ROWS until measured), `F.linear` for
+everything else (training, prefills, other dtypes and devices). The EAGLE-3 draft's decode
+path calls it directly; `use_skinny_linears(model)` routes every `nn.Linear` of a model (the
+HF target) through it, one attribute per module, undone by `use_skinny_linears(model, False)`.
 
 Results agree with `F.linear` to float rounding (logits within ~1e-5), the same order as
 `F.linear`'s own differences between row counts, so greedy speculative decoding stays
@@ -21,6 +27,7 @@ lossless exactly as far as it did before (eval-accept `--check-lossless` checks 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,6 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 8  # measured crossover: above ~8 rows MKL's own GEMM is as fast (bench_decode)
+ALL_ROWS = frozenset(range(1, MAX_ROWS + 1))
+_default_rows = ALL_ROWS  # row counts `linear` routes when the caller names none (the draft)
+
+
+def set_default_rows(rows: Iterable[int]) -> None:
+    """The row counts `linear` takes the skinny path for by default (the draft's decode)."""
+    global _default_rows
+    _default_rows = frozenset(rows)
+
+
+def default_rows() -> frozenset[int]:
+    return _default_rows
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -49,15 +68,16 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    max_rows: int = MAX_ROWS,
+    rows: frozenset[int] | None = None,
 ) -> torch.Tensor:
-    """`F.linear`, taking the skinny path for inference calls of <= max_rows fp32 CPU rows."""
+    """`F.linear`, taking the skinny path for inference calls of fp32 CPU rows whose count is
+    in `rows` (None: `default_rows()`)."""
     if (
         torch.is_grad_enabled()
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
-        or x.numel() > max_rows * x.shape[-1]
+        or x.numel() // max(x.shape[-1], 1) not in (_default_rows if rows is None else rows)
     ):
         return F.linear(x, weight, bias)
     return skinny_linear(x, weight, bias)
@@ -67,14 +87,16 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias, self._skinny_rows)  # type: ignore[arg-type]
 
 
-def use_skinny_linears(model: nn.Module, on: bool = True, max_rows: int = MAX_ROWS) -> int:
-    """Route (on) or stop routing (off) the model's `nn.Linear`s through `linear`; count them."""
+def use_skinny_linears(model: nn.Module, on: bool = True, rows: Iterable[int] = ALL_ROWS) -> int:
+    """Route (on) or stop routing (off) the model's `nn.Linear`s through `linear` for calls of
+    `rows` rows; count them."""
+    chosen = frozenset(rows)
     n = 0
     for mod in model.modules():
         if not isinstance(mod, nn.Linear):
             continue
         if on:
-            mod._skinny_rows = max_rows  # type: ignore[assignment]
+            mod._skinny_rows = chosen  # type: ignore[assignment]
             mod.forward = _forward.__get__(mod)  # type: ignore[method-assign]
         else:
             mod.__dict__.pop("forward", None)
@@ -85,3 +107,11 @@ def use_skinny_linears(model: nn.Module, on: bool = True, max_rows: int = MAX_RO
 
 def skinny_enabled(model: Any) -> bool:
     return any("_skinny_rows" in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def skinny_rows(model: Any) -> frozenset[int]:
+    """The row counts the model's linears take the skinny path for (empty: none routed)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and "_skinny_rows" in m.__dict__:
+            return frozenset(m.__dict__["_skinny_rows"])
+    return frozenset()

@@ -97,6 +97,7 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
     curve = a["verify_curve"]  # timed on this machine before decoding, in the report too
     assert curve["measured"] and len(curve["costs"]) == 8 and curve["costs"][0] == 1.0
     assert curve["shapes"][-1] == 8 and rep["verify_curve"] == curve
+    assert set(curve["skinny_rows"]) <= set(range(1, 9))
     assert (root / "rep-ckpt/acceptance.png").read_bytes()[:4] == b"\x89PNG"
 
     exp = _summary(
@@ -183,6 +184,7 @@ def test_eval_accept_sampling_runs(tiny: dict[str, Path]) -> None:
         "measured": False,
         "costs": list(VERIFY_COSTS),
         "shapes": list(VERIFY_SHAPES),
+        "skinny_rows": list(range(1, 9)),
     }
     assert len(s["k_histogram"]) == 5 and sum(s["k_histogram"]) > 0
 

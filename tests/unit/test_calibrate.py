@@ -54,7 +54,7 @@ def test_measure_finds_a_dear_shape_and_leaves_the_verifier_clean() -> None:
     ver.curve = (curve.costs, curve.shapes)
     assert ver.verify_shapes == curve.shapes and ver.verify_costs == curve.costs
     cost = CostModel.of(ver)
-    assert cost.verify(3) == cost.verify(4) == curve.costs[3]  # 2 drafts + 1 pad to q=4
+    assert cost.verify(3) == min(curve.costs[2:])  # 2 drafts + 1 pad to the cheapest q >= 3
     ver.close()
     assert ver.curve is None and not skinny_enabled(model)
 
@@ -86,3 +86,31 @@ def test_measured_curve_keeps_greedy_output() -> None:
 
     out = speculative_decode(ver, Shifted(), prompt, k=5, max_new_tokens=16)
     assert out.tokens == ref.tokens and max(out.accepted) == 2
+
+
+def test_each_query_length_takes_the_faster_path() -> None:
+    """Skinny linears only where they measured faster: slowed at q=2, F.linear slowed at q=5."""
+    from specctl.skinny import ALL_ROWS, default_rows, set_default_rows, skinny_rows
+
+    model = _tiny()
+    ver = Verifier(model)
+
+    def slow(_mod, args, kwargs):
+        q = kwargs["input_ids"].shape[-1]
+        if (q == 2 and skinny_enabled(model)) or (q == 5 and not skinny_enabled(model)):
+            time.sleep(0.1)
+
+    handle = model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        curve = calibrate.measure(ver, torch.arange(5, 40), reps=3)
+    finally:
+        handle.remove()
+    assert 2 not in curve.skinny_rows and 5 in curve.skinny_rows
+    assert curve.costs[1] < curve.costs[4] + 1  # each q's cost is its faster path's
+    try:
+        calibrate.apply(ver, curve)
+        assert skinny_rows(model) == frozenset(curve.skinny_rows) == default_rows()
+    finally:
+        set_default_rows(ALL_ROWS)
+    ver.close()
+    assert skinny_rows(model) == frozenset()

@@ -25,11 +25,14 @@ MAX_Q = 8  # verify shapes considered: k <= 7 draft tokens (+1 for the verified 
 
 @dataclass(frozen=True)
 class Curve:
-    """A verify of q = 1..MAX_Q positions in decode steps, and the q's worth padding to."""
+    """A verify of q = 1..MAX_Q positions in decode steps, the q's worth padding to, and the
+    q's whose forward is faster through the skinny linears than through `F.linear`."""
 
     costs: tuple[float, ...]
     shapes: tuple[int, ...]
     step_ms: float  # one decode step (q = 1), the unit
+    skinny_rows: tuple[int, ...] = ()
+    step_ms_f_linear: float | None = None  # the q = 1 step through F.linear, for the report
 
 
 def forward_ms(
@@ -78,10 +81,29 @@ def cheap_shapes(ms: dict[int, float]) -> tuple[int, ...]:
     return tuple(sorted({min(range(n, top + 1), key=ms.__getitem__) for n in range(2, top + 1)}))
 
 
-def measure(verifier: Verifier, context: torch.Tensor, reps: int = 7) -> Curve:
-    """The curve of the verifier's own GEMM path on this machine (~2 s for a 135M model)."""
+def measure(verifier: Verifier, context: torch.Tensor, reps: int = 5) -> Curve:
+    """The curve of this machine (~4 s for a 135M model): with skinny linears allowed, every
+    q is timed both ways and takes the faster (on an AMX Xeon F.linear wins at q = 1, on the
+    AMD EPYC of docs/benchmarks.md skinny wins everywhere)."""
     if context.numel() < 1:
         raise ValueError("calibration needs a non-empty context")
-    ms = {q: t for (_, q), t in forward_ms(verifier, context, reps, (verifier.skinny,)).items()}
-    costs = tuple(round(ms[q] / ms[1], 3) for q in range(1, MAX_Q + 1))
-    return Curve(costs, cheap_shapes(ms), round(ms[1], 3))
+    paths = (True, False) if verifier.skinny else (False,)
+    ms = forward_ms(verifier, context, reps, paths)
+    qs = range(1, MAX_Q + 1)
+    rows = tuple(q for q in qs if verifier.skinny and ms[(True, q)] < ms[(False, q)])
+    best = {q: ms[(q in rows, q)] for q in qs}
+    costs = tuple(round(best[q] / best[1], 3) for q in qs)
+    f_step = round(ms[(False, 1)], 3)
+    return Curve(costs, cheap_shapes(best), round(best[1], 3), rows, f_step)
+
+
+def apply(verifier: Verifier, curve: Curve) -> None:
+    """Decode with what was measured: the verifier's cost curve and cheap shapes, skinny
+    linears for the chosen q's only, and the same rows for the draft's own matmuls (its
+    layer has the target's shapes; `skinny.set_default_rows`)."""
+    from specctl.skinny import set_default_rows, use_skinny_linears
+
+    verifier.curve = (curve.costs, curve.shapes)
+    if verifier.skinny:
+        use_skinny_linears(verifier.model, True, curve.skinny_rows)
+        set_default_rows(curve.skinny_rows)

@@ -20,6 +20,7 @@ from specctl.evaluate import metrics, report
 from specctl.evaluate.specdec import CostModel, DecodeResult, speculative_decode, target_decode
 from specctl.evaluate.tree import tree_decode
 from specctl.evaluate.verifier import Verifier
+from specctl.skinny import ALL_ROWS, set_default_rows, skinny_rows
 
 
 @dataclass
@@ -98,6 +99,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         return _run(cfg)
     finally:
         torch.set_num_threads(threads)
+        set_default_rows(ALL_ROWS)  # calibration may have narrowed the draft's skinny rows
 
 
 def _check_writable(out: Path) -> None:
@@ -154,15 +156,18 @@ def _calibrate(cfg: EvalConfig, verifier: Verifier, context: torch.Tensor) -> di
         from specctl.evaluate import calibrate
 
         curve = calibrate.measure(verifier, context)
-        verifier.curve = (curve.costs, curve.shapes)
+        calibrate.apply(verifier, curve)
         log(
-            f"verify cost curve (q = 1..{len(curve.costs)}, decode steps of {curve.step_ms:.1f} ms): "
-            f"{' '.join(f'{c:.2f}' for c in curve.costs)}; pad to {list(curve.shapes)}"
+            f"verify cost curve (q = 1..{len(curve.costs)}, decode steps of {curve.step_ms:.1f} ms;"
+            f" F.linear step {curve.step_ms_f_linear:.1f} ms): "
+            f"{' '.join(f'{c:.2f}' for c in curve.costs)}; pad to {list(curve.shapes)}; "
+            f"skinny linears for q in {list(curve.skinny_rows)}"
         )
     return {
         "measured": verifier.curve is not None,
         "costs": list(verifier.verify_costs),
         "shapes": list(verifier.verify_shapes),
+        "skinny_rows": sorted(skinny_rows(verifier.model)),
     }
 
 
