@@ -116,7 +116,7 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
 
 def round_split(args: argparse.Namespace) -> list[dict]:
     """Decode prompts with every variant (rotating order); per-round split as step ratios."""
-    from specctl.evaluate import metrics, setup
+    from specctl.evaluate import calibrate, metrics, setup
     from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
     from specctl.evaluate.verifier import Verifier
     from specctl.skinny import use_skinny_linears
@@ -127,9 +127,9 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     prompts = [p.ids for p in setup.load_eval_prompts(args.data, tok, args.prompts)]
     context = torch.cat([p.ids for p in setup.load_eval_prompts("mtbench", tok, 3)])[:300]
     rows = verify_curve(verifier, context, args.reps)
-    skinny = [r for r in rows if r["bench"] == "verify_cost" and r["skinny"]]
-    shapes = next(r["shapes"] for r in rows if r["bench"] == "verify_shapes" and r["skinny"])
-    verifier.curve = (tuple(r["ratio"] for r in skinny), tuple(shapes))  # as eval-accept does
+    curve = calibrate.measure(verifier, context)  # as eval-accept does: each q's faster path
+    calibrate.apply(verifier, curve)
+    rows.append({"bench": "calibrated", "skinny_rows": list(curve.skinny_rows)})
     for name, drafter in drafters.items():
         if name.endswith(("-cost", "+lookup", "-learned")):
             drafter.cost = CostModel.of(verifier)
@@ -144,7 +144,7 @@ def round_split(args: argparse.Namespace) -> list[dict]:
             try:
                 return target_decode(verifier, ids, max_new_tokens=new)
             finally:
-                use_skinny_linears(target, True)
+                use_skinny_linears(target, True, curve.skinny_rows)
         return speculative_decode(verifier, drafters[name], ids, k=args.k, max_new_tokens=new)
 
     for n in names:  # warm-up
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r["bench"] == "verify_shapes":
             which = "skinny" if r["skinny"] else "F.linear"
             print(f"cheapest verify shapes, {which}: {r['shapes']}")
+        if r["bench"] == "calibrated":
+            print(f"rows below: skinny linears for q in {r['skinny_rows']} (the faster path)")
     print(f"(load {load:.1f} on {os.cpu_count()} cores; threads {rows[-1]['threads']})")
     hdr = (
         "variant                        AL   draft  verify  overhead  round  k-hist        speedup"
