@@ -75,7 +75,7 @@ def test_heads_learn_on_a_tiny_target(tmp_path: Path, one_torch_thread: None) ->
         opt.zero_grad()
         r.loss.backward()
         opt.step()
-        curve.append((float(r.loss), (r.hits / r.count).tolist()))
+        curve.append((float(r.loss.detach()), (r.hits / r.count).tolist()))
     (loss0, acc0), (loss1, acc1) = curve[0], curve[-1]
     assert loss1 < 0.6 * loss0, (loss0, loss1)
     assert acc1[0] > acc0[0] + 0.3 and acc1[0] > 0.6, (acc0, acc1)
