@@ -6,23 +6,19 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from specctl.evaluate import calibrate
 from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
 from specctl.evaluate.verifier import Verifier
 from specctl.skinny import skinny_enabled
+from tests.models import tiny_llama
 
 pytestmark = pytest.mark.unit
 
 
 def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=2)
 
 
 def test_cheap_shapes_pad_to_the_cheapest_longer_query() -> None:

@@ -5,21 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from specctl import skinny
 from specctl.evaluate.specdec import speculative_decode, target_decode
 from specctl.evaluate.verifier import VERIFY_SHAPES, VERIFY_SHAPES_MKL, Verifier
 from specctl.skinny import skinny_enabled, skinny_linear, use_skinny_linears
+from tests.models import tiny_llama
 
 
 def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=4)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
