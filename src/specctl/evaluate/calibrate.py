@@ -82,9 +82,9 @@ def cheap_shapes(ms: dict[int, float]) -> tuple[int, ...]:
 
 
 def measure(verifier: Verifier, context: torch.Tensor, reps: int = 5) -> Curve:
-    """The curve of this machine (~4 s for a 135M model): with skinny linears allowed, every
-    q is timed both ways and takes the faster (on an AMX Xeon F.linear wins at q = 1, on the
-    AMD EPYC of docs/benchmarks.md skinny wins everywhere)."""
+    """The curve of this machine (6-9 s for a 135M model on 2 cores): with skinny linears
+    allowed, every q is timed both ways and takes the faster (on an AMX Xeon F.linear wins
+    at every q, on the AMD EPYC of docs/benchmarks.md skinny won everywhere)."""
     if context.numel() < 1:
         raise ValueError("calibration needs a non-empty context")
     paths = (True, False) if verifier.skinny else (False,)

@@ -45,8 +45,10 @@ class EvalConfig:
     skinny: bool = True  # target linears take specctl.skinny's path for decode / verify rows
     verify_shapes: tuple[int, ...] | None = None  # cheap verify q's (bench_decode.py); None:
     # the verifier's (measured at start, or VERIFY_SHAPES / VERIFY_SHAPES_MKL without calibrate)
-    # time q = 1..8 target forwards before decoding (~2 s, calibrate.py): the verify cost
-    # curve the cost-aware lengths and the padding read; false: the constants measured here
+    # time q = 1..8 target forwards both ways before decoding (6-9 s for SmolLM2 on 2 cores,
+    # calibrate.py): each q's faster path (skinny linears or F.linear) and the verify cost
+    # curve the cost-aware lengths and the padding read; false: skinny everywhere and the
+    # curve stored from the EPYC of docs/benchmarks.md
     calibrate: bool = True
     prompt_lookup: bool = True  # the n-gram baseline row
     # a row where prompt lookup proposes when an n-gram of >= hybrid_min_ngram tokens repeats,
