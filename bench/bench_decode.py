@@ -57,10 +57,11 @@ def random_draft(target: Any, draft_vocab: int = 8192, seed: int = 0) -> Any:
     return draft.eval()
 
 
-def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
+def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> tuple[list[dict], Any]:
     """Median ms of a q-token forward (q = 1..8) on `context`'s cache, skinny linears on and
-    off, all shuffled together; ratios to the F.linear q=1 step and to the same path's q=1."""
-    from specctl.evaluate.calibrate import MAX_Q, cheap_shapes, forward_ms
+    off, all shuffled together; ratios to the F.linear q=1 step and to the same path's q=1.
+    Also the calibrated curve of those timings (each q's faster path), as eval-accept's."""
+    from specctl.evaluate.calibrate import MAX_Q, cheap_shapes, curve_of, forward_ms
 
     med = forward_ms(verifier, context, reps, paths=(True, False))
     rows: list[dict] = []
@@ -79,7 +80,7 @@ def verify_curve(verifier: Any, context: torch.Tensor, reps: int) -> list[dict]:
         ]
         # the cheapest q >= n for every n real positions: the shapes worth padding to here
         rows.append({"bench": "verify_shapes", "skinny": sk, "shapes": list(cheap_shapes(own))})
-    return rows
+    return rows, curve_of(med)
 
 
 def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[str, Any]:
@@ -126,9 +127,8 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     verifier = Verifier(target)
     prompts = [p.ids for p in setup.load_eval_prompts(args.data, tok, args.prompts)]
     context = torch.cat([p.ids for p in setup.load_eval_prompts("mtbench", tok, 3)])[:300]
-    rows = verify_curve(verifier, context, args.reps)
-    curve = calibrate.measure(verifier, context)  # as eval-accept does: each q's faster path
-    calibrate.apply(verifier, curve)
+    rows, curve = verify_curve(verifier, context, args.reps)
+    calibrate.apply(verifier, curve)  # as eval-accept does: each q's faster path
     rows.append({"bench": "calibrated", "skinny_rows": list(curve.skinny_rows)})
     for name, drafter in drafters.items():
         if name.endswith(("-cost", "+lookup", "-learned")):

@@ -31,8 +31,8 @@ class Curve:
     costs: tuple[float, ...]
     shapes: tuple[int, ...]
     step_ms: float  # one decode step (q = 1), the unit
-    skinny_rows: tuple[int, ...] = ()
-    step_ms_f_linear: float | None = None  # the q = 1 step through F.linear, for the report
+    skinny_rows: tuple[int, ...]
+    step_ms_f_linear: float  # the q = 1 step through F.linear, for the report
 
 
 def forward_ms(
@@ -88,9 +88,13 @@ def measure(verifier: Verifier, context: torch.Tensor, reps: int = 5) -> Curve:
     if context.numel() < 1:
         raise ValueError("calibration needs a non-empty context")
     paths = (True, False) if verifier.skinny else (False,)
-    ms = forward_ms(verifier, context, reps, paths)
+    return curve_of(forward_ms(verifier, context, reps, paths))
+
+
+def curve_of(ms: dict[tuple[bool, int], float]) -> Curve:
+    """The curve of `forward_ms` timings: each q on its faster path (skinny only where timed)."""
     qs = range(1, MAX_Q + 1)
-    rows = tuple(q for q in qs if verifier.skinny and ms[(True, q)] < ms[(False, q)])
+    rows = tuple(q for q in qs if (True, q) in ms and ms[(True, q)] < ms[(False, q)])
     best = {q: ms[(q in rows, q)] for q in qs}
     costs = tuple(round(best[q] / best[1], 3) for q in qs)
     f_step = round(ms[(False, 1)], 3)
