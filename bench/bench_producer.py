@@ -5,6 +5,7 @@
   the records (no store, no disk) so the figure is the producer's own, not a store's.
 - `naive` (the baseline, ratio 1.0): one sample at a time with `output_hidden_states=True`
   (all 31 states materialised), `torch.cat` of the aux states, a fresh pack buffer each time.
+- Both run in fp32 and bf16 (`serve-target --precision`; auto times the two, as printed).
 - `--full` adds generation (regeneration's cost): useful tokens/s (pads excluded) of batched
   seeded sampling at batch 8 and 16 vs batch 1, interleaved (goal: >= 100 tok/s, 6x batch 1).
 
@@ -73,15 +74,15 @@ def _naive(engine, prompts, n: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "tokens": tokens, "bytes": nbytes}
 
 
-def _generation(engine, prompts, new_tokens: int, reps: int) -> list[dict]:
+def _generation(engines: dict, prompts, new_tokens: int, reps: int) -> list[dict]:
     """Useful (non-pad) generated tokens/s at batch 1, 8 and 16, cases interleaved per rep.
 
     Each rep times one call per case (batch 1: one prompt, rotating; batch B: B prompts as
     one left-padded batch) and the table shows the median over reps of tokens/s, because
     on a shared box single calls stall for seconds. Sampling at T=0.7, top-p 0.95 (rows
-    finish at different lengths, as in regeneration); the ratio is against batch 1. Every
-    batch also runs with plain `F.linear` (`mkl` rows) to show what the skinny linears
-    (`specctl.skinny`, the engine's default for steps of <= 8 rows) give.
+    finish at different lengths, as in regeneration); the ratio is against fp32 batch 1.
+    Three variants per batch: fp32 with the skinny linears (`specctl.skinny`, the fp32
+    engine's default for steps of <= 8 rows), fp32 with plain `F.linear`, and bf16.
     """
     import statistics
 
@@ -89,33 +90,43 @@ def _generation(engine, prompts, new_tokens: int, reps: int) -> list[dict]:
     from specctl.target.engines import SamplingParams
     from specctl.target.template import encode_text, render
 
-    ids = [encode_text(engine.tokenizer, render(engine.tokenizer, p.messages[:1], add_generation_prompt=True))
+    tok = engines["fp32"].tokenizer
+    ids = [encode_text(tok, render(tok, p.messages[:1], add_generation_prompt=True))
            for p in prompts[:16]]  # fmt: skip
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=new_tokens)
-    cases = [(b, sk) for sk in (True, False) for b in (1, 8, 16)]
-    rates: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
+    variants = {
+        "fp32 skinny": ("fp32", True),
+        "fp32 F.linear": ("fp32", False),
+        "bf16": ("bf16", False),
+    }
+    cases = [(b, v) for v in variants for b in (1, 8, 16)]
+    rates: dict[tuple[int, str], list[float]] = {c: [] for c in cases}
     made = dict.fromkeys(rates, 0)
-    engine.generate(ids[:2], SamplingParams(0.7, 0.95, 4), [0, 1])  # warm-up
+    for e in engines.values():
+        e.generate(ids[:2], SamplingParams(0.7, 0.95, 4), [0, 1])  # warm-up
     for rep in range(reps):
-        for b, sk in cases:
-            use_skinny_linears(engine.model, sk)
+        for b, v in cases:
+            name, sk = variants[v]
+            engine = engines[name]
+            if name == "fp32":
+                use_skinny_linears(engine.model, sk)
             grp = [rep % 16] if b == 1 else list(range(b))
             t0 = time.perf_counter()
             got = engine.generate([ids[i] for i in grp], params, [rep * 100 + i for i in grp])
             n = sum(len(g) for g in got)
-            rates[(b, sk)].append(n / (time.perf_counter() - t0))
-            made[(b, sk)] += n
-        print(f"  rep {rep}: " + ", ".join(f"b{b}{'' if sk else ' mkl'} {r[-1]:.1f} tok/s"
-                                           for (b, sk), r in rates.items()), flush=True)  # fmt: skip
-    use_skinny_linears(engine.model, True)
+            rates[(b, v)].append(n / (time.perf_counter() - t0))
+            made[(b, v)] += n
+        print(f"  rep {rep}: " + ", ".join(f"b{b} {v} {r[-1]:.1f}" for (b, v), r in rates.items()),
+              flush=True)  # fmt: skip
+    use_skinny_linears(engines["fp32"].model, True)
     rows = [
         {
             "bench": "producer",
-            "case": f"generate batch {b}{'' if sk else ' F.linear'} (useful tok/s, median of {reps})",
-            "new_tokens": made[(b, sk)],
+            "case": f"generate batch {b} {v} (useful tok/s, median of {reps})",
+            "new_tokens": made[(b, v)],
             "tokens_per_s": statistics.median(r),
         }
-        for (b, sk), r in rates.items()
+        for (b, v), r in rates.items()
     ]
     for r in rows:
         r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
@@ -131,20 +142,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--full", action="store_true", help="also time batched vs batch-1 generation")
     args = ap.parse_args(argv)
+    from specctl.precision import forward_ms
     from specctl.target.data import load_prompts
     from specctl.target.engines.hf import HFEngine
     from specctl.target.models import resolve_model
 
     n = args.samples or (16 if args.quick else 48)
-    engine = HFEngine(resolve_model("smollm2-135m"), device="cpu")
+    path = resolve_model("smollm2-135m")
+    engines = {p: HFEngine(path, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    ms = {p: forward_ms(e.model) for p, e in engines.items()}
+    print(f"precision probe (what --precision auto times): fp32 {ms['fp32']:.0f} ms, "
+          f"bf16 {ms['bf16']:.0f} ms -> auto picks "
+          f"{'bf16' if ms['bf16'] < 0.8 * ms['fp32'] else 'fp32'}")  # fmt: skip
     prompts = load_prompts("chatterbot")[:n]
-    _naive(engine, prompts, 2)  # warm-up (allocator, oneDNN)
-    base = _naive(engine, prompts, n)
-    ours = _specctl(engine, prompts, n)
+    _naive(engines["fp32"], prompts, 2)  # warm-up (allocator, oneDNN)
+    base = _naive(engines["fp32"], prompts, n)
+    _specctl(engines["bf16"], prompts, 2)
+    ours = {p: _specctl(e, prompts, n) for p, e in engines.items()}
     rows = []
     for case, r in (
         ("naive: output_hidden_states, batch 1", base),
-        ("specctl: hooks, batched", ours),
+        ("specctl: hooks, batched (fp32)", ours["fp32"]),
+        ("specctl: hooks, batched (bf16)", ours["bf16"]),
     ):
         rows.append(
             {
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if args.full:
         new, reps = (32, 3) if args.quick else (64, 5)
-        rows += _generation(engine, load_prompts("chatterbot")[::97], new, reps)
+        rows += _generation(engines, load_prompts("chatterbot")[::97], new, reps)
     print(
         f"{'case':40s} {'tok/s':>9s} {'MB/s':>8s} {'ratio':>6s}   (threads={torch.get_num_threads()})"
     )

@@ -107,6 +107,9 @@ CASES = [
     _c("serve-bad-set-key", "serve-target --set nope.x=1 --to-dir {root}/r6", 2, "'nope'"),
     _c("serve-bad-dtype", "serve-target --dtype fp8 --to-dir {root}/r7", 2, "--dtype"),
     _c(
+        "serve-bad-precision", "serve-target --precision fp16 --to-dir {root}/r7b", 2, "--precision"
+    ),
+    _c(
         "serve-negative-count",
         "serve-target --data {chats} --max-samples -3 --to-dir {root}/r8",
         2,

@@ -60,6 +60,8 @@ def test_to_dir_records_are_correct_and_a_rerun_resumes(
             "2",
             "--dtype",
             "fp32",
+            "--precision",
+            "fp32",  # records are compared with an fp32 in-process capture below
         )
     )
     assert s["records"] == 12 and s["num_prompts"] == 6 and s["aux_layers"] == [1, 3, 4]

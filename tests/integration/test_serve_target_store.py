@@ -150,6 +150,7 @@ def test_two_producers_kill_one_every_prompt_exactly_once(tmp_path: Path) -> Non
 
 
 def test_smollm2_chatterbot_streams_verified_records(tmp_path: Path) -> None:
+    from specctl import precision
     from specctl.target.data import load_prompts
     from specctl.target.models import load_tokenizer, resolve_model
     from specctl.target.template import tokenize_conversation
@@ -162,6 +163,10 @@ def test_smollm2_chatterbot_streams_verified_records(tmp_path: Path) -> None:
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["records"] == 3 and summary["hidden_size"] == 576
     assert summary["aux_layers"] == [1, 14, 26] and summary["tokens_per_s"] > 0
+    # --precision auto (the default) timed both dtypes on the real model and says which won
+    prec = summary["precision"]
+    faster = "bf16" if prec["bf16_ms"] < precision.MARGIN * prec["fp32_ms"] else "fp32"
+    assert prec["dtype"] == faster, prec
     tok = load_tokenizer(resolve_model("smollm2-135m"))
     prompts = load_prompts("chatterbot")
     assert sorted(sid for sid, *_ in got) == [(0, 0), (0, 1), (0, 2)]

@@ -96,6 +96,8 @@ def test_learns_and_checkpoints(data: dict[str, Path], tmp_path: Path) -> None:
     assert [e["step"] for e in evals] == [40, 80, 120]
     assert s["best_al"] == max(e["sim_al"] for e in evals) > 2.0
     assert 0 <= s["data_wait_pct"] < 100 and s["tokens_per_s"] > 0
+    # a test-sized head: head_matmul auto timed it and kept fp32 (nothing to win)
+    assert s["head_matmul"]["dtype"] == "fp32" and "fp32_ms" in s["head_matmul"]
     # exact checkpoint files; latest and best links; the export names inside
     ckpt = (out / "latest").resolve()
     assert ckpt.name == "step-00000120" and (out / "best").resolve().is_dir()

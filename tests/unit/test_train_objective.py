@@ -201,3 +201,31 @@ def test_ttt_loss_on_cuda_matches_cpu() -> None:
         ttt_length=K,
     )
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_head_products_track_fp32() -> None:
+    """TargetHead(mm_dtype=bf16): both LM-head products in bf16, softmax and sums in fp32.
+
+    Loss and gradients stay within bf16 rounding of the fp32 ones, and every gradient keeps
+    its parameter's fp32 dtype (the optimizer never sees bf16).
+    """
+    draft, head_w, t2d = tiny_draft()
+    draft = draft.float()
+    B, T, K = 2, 12, 3
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.uint8)
+    aux, last = torch.randn(B, T, 3 * H, generator=g), torch.randn(B, T, H, generator=g)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    runs = {}
+    for name, mm in (("fp32", None), ("bf16", torch.bfloat16)):
+        head = TargetHead(head_w.float(), t2d, mm)
+        res = ttt_loss(draft, head, ids, mask, aux, last, ttt_length=K)
+        runs[name] = (res.loss.detach(), torch.autograd.grad(res.loss, params))
+        assert res.loss.dtype == torch.float32
+        assert all(gr.dtype == torch.float32 for gr in runs[name][1])
+    (lf, gf), (lb, gb) = runs["fp32"], runs["bf16"]
+    assert not torch.equal(lf, lb)  # the bf16 path really ran
+    torch.testing.assert_close(lb, lf, rtol=2e-2, atol=1e-3)
+    flat_f, flat_b = torch.cat([x.flatten() for x in gf]), torch.cat([x.flatten() for x in gb])
+    assert torch.nn.functional.cosine_similarity(flat_f, flat_b, dim=0) > 0.99

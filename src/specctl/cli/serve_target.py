@@ -89,6 +89,14 @@ def command(
         ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Record dtype: bf16 or fp32.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute dtype of the hf engine: auto (GPU bf16; CPU the faster of fp32 and "
+            "bf16, timed at start: bf16 wins 2-3x with AMX, loses ~6x without AVX512-BF16), "
+            "fp32 or bf16."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     plan: PlanOpt = False,
@@ -132,6 +140,7 @@ def command(
         epochs=epochs,
         max_samples=max_samples,
         dtype=dtype,
+        precision=precision,
     )
     if data is not None:
         cfg.data = None if data.lower() == "none" else data

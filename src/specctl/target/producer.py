@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specctl import precision
 from specctl.console import Progress, log
 from specctl.errors import InputError, UsageError
 from specctl.target.generate import GenStats
@@ -47,6 +48,9 @@ class ServeTargetConfig:
     device: str | None = None  # None: cuda if available, else cpu
     threads: int | None = None  # CPU threads (None: torch's default); 1 when cores are shared
     dtype: str = "bf16"  # record dtype: bf16 | fp32 (independent of the compute dtype)
+    # compute dtype of the hf engine: auto (GPU: bf16; CPU: the faster of fp32 and bf16, timed
+    # at start, see specctl/precision.py) | fp32 | bf16
+    precision: str = "auto"
     token_budget: int = 8192  # padded tokens per forward batch
     max_tokens: int = 2048  # longer samples are truncated
     lease_size: int = 16  # seqs per lease: one regeneration + capture batch (16: ~7x batch 1)
@@ -82,6 +86,7 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
     #    a dead store or a silent listener should fail in seconds, not after loading a model)
     if cfg.dtype not in ("bf16", "fp32"):
         raise UsageError(f"--dtype must be bf16 or fp32, not {cfg.dtype!r}")
+    precision.parse(cfg.precision)
     if cfg.features not in ("all", "last"):
         raise UsageError(f"--features must be all or last, not {cfg.features!r}")
     if cfg.data is None and cfg.self_prompts <= 0:
@@ -108,6 +113,7 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         device=cfg.device,
         aux_layers=cfg.aux_layers,
         token_budget=cfg.token_budget,
+        precision=cfg.precision,
     )
     num_prompts = space.size
     limit = num_prompts * cfg.epochs if cfg.epochs > 0 else None
@@ -115,7 +121,8 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         limit = min(limit or cfg.max_samples, cfg.max_samples)
     log(f"prompts: {space.describe()}")
     log(
-        f"target {cfg.model}: {engine.num_layers} layers, H={engine.hidden_size}, features "
+        f"target {cfg.model} ({_precision(engine)}): {engine.num_layers} layers, "
+        f"H={engine.hidden_size}, features "
         f"{_features(cfg, engine)}; {num_prompts} prompts x {cfg.epochs} epoch(s), limit {limit}"
     )
     # 2. open the sink (store or folder) and produce
@@ -154,6 +161,7 @@ def run(cfg: ServeTargetConfig, store: str | None) -> dict[str, Any]:
         "mb_per_s": round(totals.bytes / 1e6 / max(seconds, 1e-9), 3),
         "num_prompts": num_prompts,
         "engine": cfg.engine,
+        "precision": getattr(engine, "precision", None),
         "model": cfg.model,
         "hidden_size": engine.hidden_size,
         "aux_layers": engine.aux_layers,
@@ -297,6 +305,16 @@ def _produce(
                 "inflight_MB": sink.inflight_bytes() / 1e6,
             },
         )
+
+
+def _precision(engine: Any) -> str:
+    got = getattr(engine, "precision", None)
+    if not got:
+        return "engine's dtype"
+    timed = (
+        f"; timed {got['fp32_ms']} ms fp32 vs {got['bf16_ms']} ms bf16" if "fp32_ms" in got else ""
+    )
+    return f"{got['dtype']}{timed}"
 
 
 def _features(cfg: ServeTargetConfig, engine: Any) -> str:

@@ -90,6 +90,7 @@ def _run(cfg: TrainDraftConfig, env: parallel.Dist) -> dict[str, Any]:
             )
         summary = _loop(cfg, env, out, model, optim, sched, state, source)
         summary.update(_vocab_summary(cfg, mapping, source.dims))
+        summary["head_matmul"] = built.head.mm_info
         return summary
     finally:
         source.close()

@@ -28,6 +28,7 @@ from specctl.train import parallel
 from specctl.train.mlp_objective import MLPModel
 from specctl.train.objective import TargetHead
 from specctl.train.run_config import TrainDraftConfig
+from specctl.train.setup import head_matmul
 
 
 def mlp_config(cfg: TrainDraftConfig, target_dir: Path) -> MLPSpeculatorConfig:
@@ -73,5 +74,6 @@ def build_mlp_model(
     draft.to(env.device)
     head_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     all_rows = torch.ones(dcfg.vocab_size, dtype=torch.bool, device=env.device)
-    target_head = TargetHead(head.to(env.device, head_dtype), all_rows)
+    mm_dtype, mm_info = head_matmul(cfg, env, head)
+    target_head = TargetHead(head.to(env.device, head_dtype), all_rows, mm_dtype, mm_info)
     return MLPModel(draft, target_head, cfg.step_weights())

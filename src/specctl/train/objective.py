@@ -19,12 +19,13 @@ does not flatter a small vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from specctl.draft.eagle3 import Eagle3Draft
-from specctl.train.loss import CHUNK_BYTES, acc_dtype, linear_soft_ce
+from specctl.train.loss import CHUNK_BYTES, acc_dtype, linear_soft_ce, pad_rows
 from specctl.train.ttt_attention import TTTAttention
 
 
@@ -38,12 +39,26 @@ class TTTResult:
 
 
 class TargetHead:
-    """The frozen target lm_head [V, H] (not a module: FSDP and mixed precision leave it alone)."""
+    """The frozen target lm_head [V, H] (not a module: FSDP and mixed precision leave it alone).
 
-    def __init__(self, weight: torch.Tensor, t2d: torch.Tensor) -> None:
+    `mm_dtype` is the dtype of the LM-head products of a step, this head's logits and the
+    draft head's loss and gradients (`linear_soft_ce`): bf16 where the machine multiplies
+    faster in it (`specctl.precision.matmul_dtype`), softmax and sums in fp32; None: the
+    weights' own dtype.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        t2d: torch.Tensor,
+        mm_dtype: torch.dtype | None = None,
+        mm_info: dict[str, Any] | None = None,  # how mm_dtype was chosen (the run's summary)
+    ) -> None:
         self.weight = weight
         self.t2d = t2d.to(weight.device)
         self.draft_rows = self.t2d.nonzero().squeeze(1)  # [Vd] target ids in draft order
+        self.mm_dtype, self.mm_info = mm_dtype, mm_info or {}
+        self.mm_weight = weight if mm_dtype is None else weight.to(mm_dtype)
 
     @torch.no_grad()
     def distribution(self, last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +72,8 @@ class TargetHead:
         probs = torch.empty(n, self.draft_rows.numel(), dtype=acc, device=last_hidden.device)
         in_vocab = torch.empty(n, dtype=torch.bool, device=last_hidden.device)
         for a in range(0, n, rows):
-            logits = last_hidden[a : a + rows].to(self.weight.dtype) @ self.weight.t()  # [c, V]
+            w, h = self.mm_weight, last_hidden[a : a + rows]
+            logits = (pad_rows(h.to(w.dtype), self.mm_dtype) @ w.t())[: h.shape[0]]  # [c, V]
             in_vocab[a : a + rows] = self.t2d[logits.argmax(-1)]
             probs[a : a + rows] = torch.softmax(logits[:, self.draft_rows].to(acc), dim=-1)
         return probs, in_vocab
@@ -119,7 +135,7 @@ def ttt_loss(
 
         # 5. Soft CE through the draft head on those rows only (chunked, fused gradients).
         x = draft.norm(hidden.reshape(b * t, -1)[rows])  # [N_k, H]
-        ce_sum, hit = linear_soft_ce(x, draft.lm_head.weight, target_p)
+        ce_sum, hit = linear_soft_ce(x, draft.lm_head.weight, target_p, mm_dtype=head.mm_dtype)
         loss = loss + decay**k * ce_sum / count[k].to(loss.dtype).clamp(min=1)
         loss_sum.append(ce_sum.detach())
         hits.append(hit)

@@ -72,6 +72,9 @@ class TrainDraftConfig:
     max_steps: int = 1000
     epochs: int = 1  # passes over --from-dir
     precision: Literal["fp32", "bf16"] = "fp32"
+    # dtype of the LM-head products (draft head loss/grads, target distribution), most of a
+    # CPU step: auto = bf16 where timed faster at start (CPU), else the weights' dtype
+    head_matmul: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     seed: int = 0
     max_wait_s: float = 60.0  # store: stop (or fail, if nothing came) after this idle time

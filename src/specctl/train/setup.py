@@ -192,8 +192,36 @@ def build_model(
     # bf16 runs compute the target distribution in bf16 too (softmax in fp32): the records
     # are bf16 already, and this matmul over the whole target vocab is not small.
     head_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    target_head = TargetHead(head.to(env.device, head_dtype), mapping.t2d.to(env.device))
+    mm_dtype, mm_info = head_matmul(cfg, env, head)
+    target_head = TargetHead(
+        head.to(env.device, head_dtype), mapping.t2d.to(env.device), mm_dtype, mm_info
+    )
     return TTTModel(draft, target_head, cfg.ttt_length, cfg.step_decay)
+
+
+def head_matmul(
+    cfg: TrainDraftConfig, env: parallel.Dist, head: torch.Tensor
+) -> tuple[Any, dict[str, Any]]:
+    """(`TargetHead.mm_dtype`, what was chosen and why): --set head_matmul; auto on CPU times
+    up to 8192 rows of the real head (`specctl.precision.matmul_dtype`) on rank 0, and every
+    rank takes rank 0's choice, so ranks never train in different dtypes."""
+    from specctl import precision
+    from specctl.console import log
+
+    if cfg.precision == "bf16":  # the weights are bf16 already
+        return None, {"dtype": "bf16 (--precision)"}
+    dtype, info = precision.matmul_dtype(
+        cfg.head_matmul, env.device.type, head.shape[1], min(head.shape[0], 8192)
+    )
+    if env.world > 1:
+        info = parallel.broadcast_object(info)  # rank 0's choice for every rank
+        dtype = torch.bfloat16 if info["dtype"] == "bf16" else None
+    if env.is_main and "fp32_ms" in info:
+        log(
+            f"LM-head products in {info['dtype']} (timed {info['fp32_ms']} ms fp32 vs "
+            f"{info['bf16_ms']} ms bf16)"
+        )
+    return dtype, info
 
 
 def build_optimizer(model: nn.Module, cfg: TrainDraftConfig) -> tuple[Any, Any]:

@@ -104,11 +104,18 @@ def build_engine(
     device: str | None = None,
     aux_layers: list[int] | None = None,
     token_budget: int = 8192,
+    precision: str | None = None,  # hf engine only: auto | fp32 | bf16 (specctl.precision)
 ) -> Engine:
     if name == "hf":
         from specctl.target.engines.hf import HFEngine
 
-        return HFEngine(model_path, device=device, aux_layers=aux_layers, token_budget=token_budget)
+        return HFEngine(
+            model_path,
+            device=device,
+            aux_layers=aux_layers,
+            token_budget=token_budget,
+            precision=precision,
+        )
     if name == "sglang":
         from specctl.target.engines.sglang import SGLangEngine
 

@@ -9,8 +9,9 @@ Finished rows (a stop token) leave the batch at once (`DynamicCache.batch_select
 so a batch costs what its live rows cost; sampling is one batched softmax per step, then per
 row a top-k nucleus and one multinomial with that row's generator.
 
-Traps: bf16 prefill is ~6x slower than fp32 on CPUs without AVX512-BF16, so CPU runs fp32;
-left padding needs explicit position_ids (cumsum of the mask), or pads shift RoPE positions;
+Precision: GPUs run bf16; on CPU `precision="auto"` times both dtypes on the model and keeps
+the faster (bf16 is 2-3x faster with AMX, ~6x slower without AVX512-BF16; see
+`specctl.precision`). Traps: left padding needs explicit position_ids (cumsum of the mask), or pads shift RoPE positions;
 `logits_to_keep=1` avoids [B, L, vocab] logits at prefill.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from specctl.precision import pick_dtype
 from specctl.skinny import use_skinny_linears
 from specctl.target.capture import HiddenCapture, decoder_parts
 from specctl.target.engines import (
@@ -41,15 +43,19 @@ class HFEngine:
         device: str | None = None,
         aux_layers: list[int] | None = None,
         token_budget: int = 8192,
+        precision: str | None = None,  # None: fp32 on CPU (exact), bf16 on GPU; or auto|fp32|bf16
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        precision = precision or ("fp32" if self.device == "cpu" else "bf16")
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, self.device, dtype)
-        # generation steps of <= 8 live rows (small batches, a batch's tail after EOS) take
-        # the skinny path: 1.3-1.9x per step at 4-8 rows here; captures and bigger batches
-        # keep F.linear (specctl.skinny decides per call)
-        use_skinny_linears(self.model)
+        self.model, self.precision = pick_dtype(
+            lambda dtype: load_model(model_path, self.device, dtype), precision, self.device
+        )
+        if self.precision["dtype"] == "fp32":
+            # generation steps of <= 8 live rows (small batches, a batch's tail after EOS)
+            # take the skinny path (1.3-1.9x per step at 4-8 rows on the AMD EPYC; within 1%
+            # at batch 8-16 on an AMX Xeon); captures and bigger batches keep F.linear
+            use_skinny_linears(self.model)
         cfg = self.model.config
         self.hidden_size = int(cfg.hidden_size)
         self.num_layers = len(decoder_parts(self.model)[1])
