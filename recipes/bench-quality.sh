@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 OUT=${BQ_OUT:-runs/bench-quality}
-SAMPLES=${BQ_SAMPLES:-1600}
+SAMPLES=${BQ_SAMPLES:-2400}
 NEW_TOKENS=${BQ_NEW_TOKENS:-128}
 STEPS=${BQ_STEPS:-$((SAMPLES * 48 / 100))}  # one pass over the 98% not held out, 2 ranks x batch 1
 VOCAB=${BQ_VOCAB:-auto}
@@ -48,9 +48,10 @@ OMP_NUM_THREADS=2 "${SPECCTL[@]}" serve-target --to-dir "$OUT/vocab-set" --model
 	--seed 202 --set threads=2 >"$OUT/vocab-set.json"
 
 # 2. two producers || trainer (2 ranks): four one-thread processes on 2 cores (oversubscribed
-#    OpenMP threads spin). Regeneration is the slower side (~0.2 samples/s per producer vs
-#    ~0.8 for the trainer here), so the trainer ranks mostly wait and the producers get the
-#    cores; the producers lease disjoint prompts and stop at --max-samples together.
+#    OpenMP threads spin). With fp32 producers regeneration was the slower side (~0.2
+#    samples/s per producer vs ~0.8 for the trainer, data-wait 58%); where bf16 is faster
+#    (serve-target --precision auto) a sample costs half, hence 2400 samples by default
+#    (1600 before). The producers lease disjoint prompts and stop at --max-samples together.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 stage "store up"
 store_up 2GiB
