@@ -10,8 +10,8 @@ On SmolLM2-135M (`smollm2-135m`) in ONE run:
   their ratio to the plain decode step, for a random 8k-vocab EAGLE-3 draft (optionally
   with adaptive k; `-cost`: cost-aware lengths, `specdec.CostModel`, on the curve just
   measured) and for prompt lookup; with `--draft`, the trained draft the same ways and with
-  lookup (`eagle3+lookup`, cost-aware; `-learned`: confidences learned while decoding,
-  `confidence.Calibration`); the target alone gives the step. A `target-mkl`
+  lookup (`eagle3+lookup`, cost-aware; `-awake`: the same with the draft's naps off,
+  `Eagle3Drafter`: it reads and guesses every round); the target alone gives the step. A `target-mkl`
   row decodes with `F.linear` instead of the skinny linears: the skinny gain, same run.
 
 Variants are interleaved per prompt in rotating order; medians of per-call times are kept.
@@ -92,6 +92,7 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
         name = "eagle3-random-8k" + (f"-adaptive{thr:g}" if thr else "")
         out[name] = Eagle3Drafter(draft, **({"adaptive_threshold": thr} if thr else {}))
     out["eagle3-random-8k-cost"] = Eagle3Drafter(draft)  # cost model set with the verifier
+    out["eagle3-random-8k-cost-awake"] = Eagle3Drafter(draft, naps=False)
     if args.draft:
         from pathlib import Path
 
@@ -103,13 +104,12 @@ def _variants(args: argparse.Namespace, target: Any, model_path: Any) -> dict[st
                 trained, aux, adaptive_threshold=thr
             )
         out["eagle3-cost"] = Eagle3Drafter(trained, aux)
-        out["eagle3-cost-learned"] = Eagle3Drafter(trained, aux, learn_confidence=True)
+        out["eagle3-cost-awake"] = Eagle3Drafter(trained, aux, naps=False)
         out["eagle3+lookup"] = HybridDrafter(
             PromptLookupDrafter(learn_confidence=True), Eagle3Drafter(trained, aux)
         )
-        out["eagle3+lookup-learned"] = HybridDrafter(
-            PromptLookupDrafter(learn_confidence=True),
-            Eagle3Drafter(trained, aux, learn_confidence=True),
+        out["eagle3+lookup-awake"] = HybridDrafter(
+            PromptLookupDrafter(learn_confidence=True), Eagle3Drafter(trained, aux, naps=False)
         )
     out["prompt-lookup"] = PromptLookupDrafter()
     return out
@@ -131,7 +131,7 @@ def round_split(args: argparse.Namespace) -> list[dict]:
     calibrate.apply(verifier, curve)  # as eval-accept does: each q's faster path
     rows.append({"bench": "calibrated", "skinny_rows": list(curve.skinny_rows)})
     for name, drafter in drafters.items():
-        if name.endswith(("-cost", "+lookup", "-learned")):
+        if name.endswith(("-cost", "+lookup", "-awake")):
             drafter.cost = CostModel.of(verifier)
     names = ["target", "target-mkl", *drafters]
     res: dict[str, list[Any]] = {n: [] for n in names}

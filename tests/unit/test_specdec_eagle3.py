@@ -380,3 +380,41 @@ def test_cost_aware_chain_is_the_best_prefix_and_lossless(setup: dict, draft: st
         for cost in (flat, steep, CostModel.of(ver)):
             cut.cost = cost
             assert speculative_decode(ver, cut, p, k=4, max_new_tokens=NEW).tokens == ref
+
+
+class CheckedNapper(CheckedDrafter):
+    """CheckedDrafter's from-scratch check at every round the draft is awake, after it has
+    read the tokens queued while it slept."""
+
+    def propose(self, k, temperature, gen):
+        if self._asleep:
+            return Eagle3Drafter.propose(self, k, temperature, gen)
+        if self._queued:
+            with torch.inference_mode():
+                self._wake()
+        return super().propose(k, temperature, gen)
+
+
+def test_a_draft_that_cannot_pay_naps_and_stays_lossless(setup: dict) -> None:
+    """On a steep cost curve the chain never proposes: the draft naps (asleep it reads
+    nothing), greedy output stays the target's, and each time it wakes its state equals a
+    from-scratch prefill of the committed text (the queued tokens are read in order)."""
+    steep = CostModel((1.0, 2.0, 3.0, 4.0, 5.0), (2, 3, 4, 5), step=0.0)
+    for p, ref in list(zip(setup["prompts"], setup["refs"], strict=True))[:3]:
+        d = CheckedNapper(setup["trained"], setup["target"], p)
+        d.cost = steep
+        res = speculative_decode(setup["ver"], d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref and sum(res.proposed) == 0
+        assert d.naps >= res.rounds // 2 and d.checks + d.naps == res.rounds  # mostly asleep
+        assert d.checks >= 4  # ... but it woke up and was checked several times
+
+
+def test_a_draft_that_proposes_never_naps(setup: dict) -> None:
+    ver = setup["ver"]
+    flat = CostModel((1.0,) * 5, (2, 3, 4, 5), step=0.0)  # every token is worth proposing
+    d = Eagle3Drafter(setup["trained"])
+    d.cost = flat
+    for p, ref in zip(setup["prompts"][:4], setup["refs"][:4], strict=True):
+        res = speculative_decode(ver, d, p, k=4, max_new_tokens=NEW)
+        assert res.tokens == ref and min(res.proposed) > 0
+    assert d.naps == 0

@@ -114,7 +114,19 @@ class Eagle3Drafter:
     `learn_confidence`: each token's probability goes through a `confidence.Calibration`
     learned from the rounds verified so far (how often guesses that sure were accepted)
     before the cut and the cost model read it.
+
+    Naps (cost-aware only): a round that proposes nothing still pays the draft's read of
+    the emitted tokens and its first guess, 5-10% of a decode step here, so a draft that
+    cannot pay on this text makes decoding slower than the target alone. After `IDLE` empty
+    proposals in a row the draft sleeps for a nap of rounds (1, 2, 4, ... up to `MAX_NAP`,
+    doubling while it wakes only to propose nothing again, back to 1 once it proposes):
+    asleep it proposes nothing and only queues the emitted tokens and their target states,
+    which it reads in one forward when it wakes. What it proposes still depends only on the
+    committed text, so greedy output stays the target's own.
     """
+
+    IDLE = 2  # empty proposals in a row before a nap
+    MAX_NAP = 16  # rounds
 
     name = "eagle3"
     needs_aux = True
@@ -125,9 +137,11 @@ class Eagle3Drafter:
         aux_layers: list[int] | None = None,
         adaptive_threshold: float = 0.0,
         learn_confidence: bool = False,
+        naps: bool = True,
     ) -> None:
         self.draft = draft.eval()
         self.aux_layers = aux_layers  # target layers it reads (None = the default)
+        self.may_nap = naps
         self.threshold = adaptive_threshold
         self.cost: CostModel | None = None  # set by the caller: cost-aware length
         self.calibration = Calibration() if learn_confidence else None
@@ -138,6 +152,9 @@ class Eagle3Drafter:
         self.cache: Any = None
         self._logits = torch.empty(0)  # [Vd] draft logits for the next token
         self._h = torch.empty(0)  # [1, 1, H] pre-norm state that produced them
+        self._idle, self._nap, self._asleep = 0, 1, 0  # empty proposals, next nap, rounds left
+        self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []  # unread (tokens, aux)
+        self.naps = 0  # rounds slept (all prompts; eval-accept reports it)
 
     @torch.inference_mode()
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
@@ -145,6 +162,7 @@ class Eagle3Drafter:
         assert aux is not None
         if self.calibration is not None:
             self.calibration.forget()
+        self._idle, self._nap, self._asleep, self._queued = 0, 1, 0, []
         # (x_{t+1}, g_t) pairs: tokens shifted one left, ending with the target's first token.
         self._read(torch.cat([prompt[1:].long(), torch.tensor([first])]), aux)
 
@@ -158,7 +176,26 @@ class Eagle3Drafter:
         assert aux is not None
         if self.calibration is not None:
             self.calibration.score(tokens.tolist())
+        if self._queued or self._asleep:  # asleep: read it all when waking
+            self._queued.append((tokens.long(), aux))
+            return
         self._read(tokens.long(), aux)
+
+    def _wake(self) -> None:
+        """Read the tokens queued while asleep in one forward (their aux rows are in order)."""
+        tokens, aux = zip(*self._queued, strict=True)
+        self._queued = []
+        self._read(torch.cat(tokens), torch.cat(aux))
+
+    def _after(self, proposed: int) -> None:
+        """Nap bookkeeping after a proposal of `proposed` tokens (cost-aware rounds only)."""
+        if proposed or not self.may_nap:
+            self._idle, self._nap = 0, 1
+            return
+        self._idle += 1
+        if self._idle >= self.IDLE:
+            self._asleep, self._idle = self._nap, self.IDLE - 1  # waking empty: nap again
+            self._nap = min(2 * self._nap, self.MAX_NAP)
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
         """[1, n] positions start..start+n-1: a view of one preallocated arange."""
@@ -176,6 +213,12 @@ class Eagle3Drafter:
 
     @torch.inference_mode()
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
+        if self._asleep:
+            self._asleep -= 1
+            self.naps += 1
+            return Proposal(tokens=torch.empty(0, dtype=torch.long), conf=[])
+        if self._queued:
+            self._wake()
         keep = self.cache.length
         logits, h = self._logits, self._h  # [Vd], [1, 1, H]
         tokens = torch.empty(k, dtype=torch.long)  # [k] target ids, filled without .item()
@@ -210,9 +253,10 @@ class Eagle3Drafter:
         self.cache.crop(keep)  # chain guesses leave; accepted tokens come back with target states
         if self.calibration is not None:  # every drafted guess is scored, proposed or not
             self.calibration.expect(tokens[:n].tolist(), raw[:n])
-        if self.cost is not None:  # 4. cost-aware length
+        if self.cost is not None:  # 4. cost-aware length, and naps when it is 0 again and again
             n = self.cost.best_length(confs)
             confs, probs = confs[:n], probs[:n]
+            self._after(n)
         full: torch.Tensor | None = None
         if probs:  # one scatter for the whole chain: zero outside the draft vocab
             full = torch.zeros(n, self._vocab)  # [n, V]
@@ -321,6 +365,11 @@ class HybridDrafter:
     @cost.setter
     def cost(self, model: CostModel | None) -> None:
         self.lookup.cost = self.draft.cost = model
+
+    @property
+    def naps(self) -> int | None:
+        """Rounds the draft slept through (`Eagle3Drafter` naps), None for other drafts."""
+        return getattr(self.draft, "naps", None)
 
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
         self.lookup.start(prompt, None, first)

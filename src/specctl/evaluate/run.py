@@ -39,6 +39,9 @@ class EvalConfig:
     # the chain's confidences as observed acceptance rates, learned from the rounds verified
     # so far (confidence.Calibration): a young or shifted draft stops paying for verifies
     learn_confidence: bool = False
+    # cost-aware chains only: a draft that keeps proposing nothing sleeps for 1, 2, 4, .. 16
+    # rounds instead of paying its read and first guess each round (Eagle3Drafter naps)
+    naps: bool = True
     temperature: float = 0.0
     seed: int = 0
     pad_verify: bool = True
@@ -143,6 +146,10 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
     verifier.close()
     mismatches = _lossless(cfg, results, drafters)
     rows = {n: metrics.summarize(results[n], cfg.k) for n in names}
+    for name, drafter in drafters.items():  # rounds an EAGLE-3 chain draft slept through
+        naps = getattr(drafter, "naps", None)
+        if naps is not None and name != "eagle3-tree":
+            rows[name]["draft_naps"] = naps
     metrics.add_speedups(rows)
     agreement = None
     if cfg.engine == "vllm":  # vLLM's own AL for the same draft and prompts, beside ours
@@ -282,6 +289,7 @@ def _write(
             for n, r in rows.items()
         },
         "k_histogram": rows[main]["k_histogram"],
+        "draft_naps": {n: r["draft_naps"] for n, r in rows.items() if "draft_naps" in r},
         "verify_curve": curve,
         "lossless": (
             None

@@ -77,7 +77,7 @@ def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, 
     elif cfg.draft:
         draft, aux = load_eagle3(Path(cfg.draft), target)
         chain = functools.partial(
-            Eagle3Drafter, draft, aux, cfg.adaptive_threshold, cfg.learn_confidence
+            Eagle3Drafter, draft, aux, cfg.adaptive_threshold, cfg.learn_confidence, cfg.naps
         )
         out["eagle3"] = chain()
         if cfg.tree:
