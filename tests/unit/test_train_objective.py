@@ -229,3 +229,24 @@ def test_bf16_head_products_track_fp32() -> None:
     torch.testing.assert_close(lb, lf, rtol=2e-2, atol=1e-3)
     flat_f, flat_b = torch.cat([x.flatten() for x in gf]), torch.cat([x.flatten() for x in gb])
     assert torch.nn.functional.cosine_similarity(flat_f, flat_b, dim=0) > 0.99
+
+
+def test_bf16_products_pad_rows_to_a_few_shapes() -> None:
+    """oneDNN compiles a bf16 kernel per shape: rows are padded to multiples of 64 (zeros,
+    which add nothing to the weight gradient); fp32 products keep their rows."""
+    from specctl.train.loss import pad_rows
+
+    x = torch.randn(70, 8)
+    assert pad_rows(x, None) is x and pad_rows(x, torch.float32) is x
+    for got in (pad_rows(x, torch.bfloat16), pad_rows(x.bfloat16(), None)):
+        assert got.shape == (128, 8) and not got[70:].any()
+    assert pad_rows(torch.randn(64, 8), torch.bfloat16).shape == (64, 8)
+    # padded or not, the loss and gradients of a bf16 product are the same rows' sums
+    w = torch.randn(32, 8, requires_grad=True)
+    p = torch.softmax(torch.randn(70, 32), -1)
+    xs = x.clone().requires_grad_(True)
+    loss, _ = linear_soft_ce(xs, w, p, mm_dtype=torch.bfloat16)
+    loss.backward()
+    assert xs.grad is not None and xs.grad.shape == (70, 8) and w.grad is not None
+    ref = -(p * torch.log_softmax(x @ w.detach().t(), -1)).sum()
+    torch.testing.assert_close(loss.detach(), ref, rtol=2e-2, atol=1e-2)
