@@ -2,7 +2,7 @@
 
 Which is faster flips between CPUs of one kind. On a Xeon with AMX, SmolLM2-135M runs a
 256-token prefill 3.1x and a batch-16 decode step 1.9x faster in bf16 than in fp32
-(docs/benchmarks.md "Producer precision"); on CPUs without AVX512-BF16, bf16 prefill is
+(docs/benchmarks.md, "Producer and trainer precision"); on CPUs without AVX512-BF16, bf16 prefill is
 about 6x *slower*. So a producer that would be told one dtype by habit is wrong on one of
 them: `pick_dtype` times both on a short prefill and a batch-16 decode step and keeps bf16
 only when it wins clearly. On GPUs bf16 always wins.
@@ -40,8 +40,8 @@ def pick_dtype(
 ) -> tuple[Any, dict[str, Any]]:
     """(the model `load(dtype)` gives in the chosen dtype, {dtype, fp32_ms, bf16_ms}).
 
-    Auto on CPU loads both (the bf16 copy is not a rounded fp32 one, so fp32 weights are
-    never lost), times them and drops the loser.
+    Auto on CPU loads the model twice, once per dtype (the fp32 one is never rounded in
+    place), times both and drops the slower.
     """
     if precision == "fp32" or (precision == "auto" and device == "cpu"):
         model = load(torch.float32)
