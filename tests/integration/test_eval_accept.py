@@ -102,6 +102,9 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
     curve = a["verify_curve"]  # timed on this machine before decoding, in the report too
     assert curve["measured"] and len(curve["costs"]) == 8 and curve["costs"][0] == 1.0
     assert curve["shapes"][-1] == 8 and rep["verify_curve"] == curve
+    # ... and refined by every decode-sized forward timed while decoding
+    assert curve["observed"] > 50 and len(curve["final_costs"]) == 8
+    assert curve["final_costs"][0] == 1.0 and curve["final_shapes"][-1] == 8
     assert set(curve["skinny_rows"]) <= set(range(1, 9))
     assert (root / "rep-ckpt/acceptance.png").read_bytes()[:4] == b"\x89PNG"
 

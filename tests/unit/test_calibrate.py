@@ -47,7 +47,7 @@ def test_measure_finds_a_dear_shape_and_leaves_the_verifier_clean() -> None:
     assert 3 not in curve.shapes and 8 in curve.shapes  # 2 real positions never run at q=3
     assert ver.length == 0 and skinny_enabled(model)  # cache reset, skinny path restored
 
-    ver.curve = (curve.costs, curve.shapes)
+    ver.curve = calibrate.LiveCurve(curve)
     assert ver.verify_shapes == curve.shapes and ver.verify_costs == curve.costs
     cost = CostModel.of(ver)
     assert cost.verify(3) == min(curve.costs[2:])  # 2 drafts + 1 pad to the cheapest q >= 3
@@ -61,7 +61,8 @@ def test_measured_curve_keeps_greedy_output() -> None:
     prompt = torch.arange(3, 30)
     ref = target_decode(ver, prompt, max_new_tokens=16)
     curve = calibrate.measure(ver, prompt, reps=1)
-    ver.curve = (curve.costs, (4, 8))  # any padding: greedy text is the target's
+    ver.curve = calibrate.LiveCurve(calibrate.Curve(curve.costs, (4, 8), curve.step_ms, (), 1.0))
+    # any padding: greedy text is the target's
 
     class Shifted:  # proposes the target's own next tokens, the 3rd one wrong
         name, needs_aux = "shifted", False
@@ -110,3 +111,38 @@ def test_each_query_length_takes_the_faster_path() -> None:
         set_default_rows(ALL_ROWS)
     ver.close()
     assert skinny_rows(model) == frozenset()
+
+
+def test_the_curve_follows_the_verifies_timed_while_decoding() -> None:
+    """A curve that measured q = 3 cheap is corrected once decoding times q = 3 dear: after a
+    few rounds the cost model prices it right and stops padding to it."""
+    model = _tiny()
+    ver = Verifier(model)
+    prompt = torch.arange(3, 30)
+    curve = calibrate.measure(ver, prompt, reps=1)
+    cheap3 = list(curve.costs)
+    cheap3[2] = 0.5  # the misreading: q = 3 at half a step
+    live = calibrate.LiveCurve(calibrate.Curve(tuple(cheap3), (3, 8), curve.step_ms, (), 1.0))
+    ver.curve = live
+    cost = CostModel.of(ver)
+    assert cost.verify(3) == 0.5 and 3 in ver.verify_shapes
+
+    def slow_q3(_mod, args, kwargs):  # the truth: q = 3 takes 50 ms more than the rest
+        if kwargs["input_ids"].shape[-1] == 3:
+            time.sleep(0.05)
+
+    handle = model.register_forward_pre_hook(slow_q3, with_kwargs=True)
+    try:
+        ver.reset()
+        ver.forward(prompt)  # a prefill is not observed (only decode-sized forwards are)
+        assert live.observed == 0
+        for _ in range(6):  # three priors per q: four real timings outvote them
+            for q in (1, 3):
+                ver.forward(prompt[:q])
+                ver.crop(q)
+    finally:
+        handle.remove()
+    assert live.observed == 12
+    assert live.costs[2] > 10 and 3 not in ver.verify_shapes  # ~50 steps of a ~1 ms forward
+    assert cost.verify(3) == min(live.costs[2:])  # 3 real positions now pad past q = 3
+    ver.close()

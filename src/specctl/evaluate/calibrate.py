@@ -6,6 +6,12 @@ proposing (`specdec.CostModel`). The curve depends on the CPU, its thread count 
 path (skinny linears or MKL), so constants measured on one box mislead on another: with 2
 threads here q = 2 costs 1.06 steps, with 1 thread q = 4 can be the cheap shape, on a GPU the
 curve is flat. `measure` times every q on the real model and cache before decoding starts.
+
+A few seconds of timing are noisy here (10-25% per q between back-to-back runs, once q = 3
+at 0.98 steps when it costs 1.18), and one low value misleads the cost model for a whole
+run. So the measured curve is only the start: `LiveCurve` keeps the latest verify times per
+q (the verifier times every chain forward of <= MAX_Q positions while decoding) and the
+costs and cheap shapes follow their medians.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -101,13 +108,39 @@ def curve_of(ms: dict[tuple[bool, int], float]) -> Curve:
     return Curve(costs, cheap_shapes(best), round(best[1], 3), rows, f_step)
 
 
+class LiveCurve:
+    """Verify costs from the latest `window` timed forwards of each q (medians), seeded with
+    a measured curve worth `prior` forwards per q. `costs` and `shapes` are recomputed on
+    each observation, so the cost model reads them at no cost per call."""
+
+    def __init__(self, curve: Curve, window: int = 32, prior: int = 3) -> None:
+        self._ms = {
+            q: deque([c * curve.step_ms] * prior, maxlen=window)
+            for q, c in enumerate(curve.costs, start=1)
+        }
+        self.observed = 0
+        self._update()
+
+    def observe(self, q: int, ms: float) -> None:
+        if q in self._ms:
+            self._ms[q].append(ms)
+            self.observed += 1
+            self._update()
+
+    def _update(self) -> None:
+        med = {q: statistics.median(d) for q, d in self._ms.items()}
+        self.costs = tuple(round(med[q] / med[1], 3) for q in sorted(med))
+        self.shapes = cheap_shapes(med)
+
+
 def apply(verifier: Verifier, curve: Curve) -> None:
-    """Decode with what was measured: the verifier's cost curve and cheap shapes, skinny
-    linears for the chosen q's only, and the same rows for the draft's own matmuls (its
-    layer has the target's shapes; `skinny.set_default_rows`)."""
+    """Decode with what was measured: the verifier's cost curve (refined by the verifies it
+    times while decoding, `LiveCurve`) and cheap shapes, skinny linears for the chosen q's
+    only, and the same rows for the draft's own matmuls (its layer has the target's shapes;
+    `skinny.set_default_rows`)."""
     from specctl.skinny import set_default_rows, use_skinny_linears
 
-    verifier.curve = (curve.costs, curve.shapes)
+    verifier.curve = LiveCurve(curve)
     if verifier.skinny:
         use_skinny_linears(verifier.model, True, curve.skinny_rows)
         set_default_rows(curve.skinny_rows)

@@ -143,6 +143,14 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 results[name].append(decode(name, p.ids, cfg.max_new_tokens))
             prog.update(1, **{f"AL_{n}": metrics.acceptance_length(results[n]) for n in drafters})
+    if verifier.curve is not None:  # where the verifies timed while decoding moved the curve
+        curve["final_costs"] = list(verifier.verify_costs)
+        curve["final_shapes"] = list(verifier.verify_shapes)
+        curve["observed"] = verifier.curve.observed
+        log(
+            f"verify cost curve after {curve['observed']} timed decode forwards: "
+            f"{' '.join(f'{c:.2f}' for c in curve['final_costs'])}; pad to {curve['final_shapes']}"
+        )
     verifier.close()
     mismatches = _lossless(cfg, results, drafters)
     rows = {n: metrics.summarize(results[n], cfg.k) for n in names}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -110,16 +110,31 @@ class CostModel:
     shapes: tuple[int, ...]  # the cheap q's the loop pads to
     pad: bool = True
     step: float = DRAFT_STEP_COST
+    # a `calibrate.LiveCurve` (the verifier's, refined while decoding): its costs, and its
+    # shapes when `live_shapes`, replace the fixed ones at every call
+    live: Any = field(default=None, compare=False)
+    live_shapes: bool = False
 
     @classmethod
     def of(
         cls, verifier: Verifier, pad: bool = True, shapes: tuple[int, ...] | None = None
     ) -> CostModel:
-        return cls(verifier.verify_costs, shapes or verifier.verify_shapes, pad)
+        live = verifier.curve
+        return cls(
+            verifier.verify_costs,
+            shapes or verifier.verify_shapes,
+            pad,
+            live=live,
+            live_shapes=live is not None and shapes is None,
+        )
 
     def verify(self, n_real: int) -> float:
-        q = verify_len(n_real, self.pad, self.shapes)
-        return self.costs[q - 1] if q <= len(self.costs) else self.costs[-1] * q / len(self.costs)
+        costs, shapes = self.costs, self.shapes
+        if self.live is not None:
+            costs = self.live.costs
+            shapes = self.live.shapes if self.live_shapes else shapes
+        q = verify_len(n_real, self.pad, shapes)
+        return costs[q - 1] if q <= len(costs) else costs[-1] * q / len(costs)
 
     def rate(self, conf: list[float], drafted: int = 0) -> float:
         """Expected emitted tokens per decode step of a round proposing len(conf) tokens."""

@@ -14,6 +14,7 @@ tokens"); a positive n raises. `crop` here takes the number of tokens to drop.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -70,8 +71,9 @@ class Verifier:
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in hooked.items()]
         self.cache: Any = None
         self.vocab_size = int(model.config.vocab_size)
-        # (costs, shapes) measured on this machine (`calibrate.measure`); None: the constants
-        self.curve: tuple[tuple[float, ...], tuple[int, ...]] | None = None
+        # the curve measured on this machine and refined while decoding (`calibrate.LiveCurve`:
+        # .costs, .shapes, .observe); None: the constants
+        self.curve: Any = None
 
     def _hook(self, layer: int) -> Any:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -115,6 +117,7 @@ class Verifier:
             dtype = self.model.dtype
             mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
             mask = mask[None, None]  # [1, 1, q, start + q]
+        t0 = time.perf_counter()
         out = self.model(
             input_ids=ids[None],
             use_cache=True,
@@ -124,6 +127,8 @@ class Verifier:
         )
         self.capture = False
         logits = out.logits[0].float()
+        if self.curve is not None and start and visible is None:  # a chain step or verify
+            self.curve.observe(ids.numel(), (time.perf_counter() - t0) * 1e3)
         if not aux:
             return logits, None
         return logits, torch.cat([self._captured[i][0] for i in self._sources], dim=-1)
@@ -148,14 +153,14 @@ class Verifier:
         """The query lengths worth padding a verify to on this verifier's cost curve: the
         measured one (`curve`, set from `calibrate.measure`) or the constants measured here."""
         if self.curve is not None:
-            return self.curve[1]
+            return tuple(self.curve.shapes)
         return VERIFY_SHAPES if self.skinny else VERIFY_SHAPES_MKL
 
     @property
     def verify_costs(self) -> tuple[float, ...]:
         """Cost of a verify of q = 1, 2, ... positions in decode steps, on the same curve."""
         if self.curve is not None:
-            return self.curve[0]
+            return tuple(self.curve.costs)
         return VERIFY_COSTS if self.skinny else VERIFY_COSTS_MKL
 
     def close(self) -> None:
