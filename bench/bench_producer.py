@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--full", action="store_true", help="also time batched vs batch-1 generation")
     args = ap.parse_args(argv)
-    from specctl.precision import forward_ms
+    from specctl.precision import bf16_wins, forward_ms
     from specctl.target.data import load_prompts
     from specctl.target.engines.hf import HFEngine
     from specctl.target.models import resolve_model
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ms = {p: forward_ms(e.model) for p, e in engines.items()}
     print(f"precision probe (what --precision auto times): fp32 {ms['fp32']:.0f} ms, "
           f"bf16 {ms['bf16']:.0f} ms -> auto picks "
-          f"{'bf16' if ms['bf16'] < 0.8 * ms['fp32'] else 'fp32'}")  # fmt: skip
+          f"{'bf16' if bf16_wins(ms['fp32'], ms['bf16']) else 'fp32'}")  # fmt: skip
     prompts = load_prompts("chatterbot")[:n]
     _naive(engines["fp32"], prompts, 2)  # warm-up (allocator, oneDNN)
     base = _naive(engines["fp32"], prompts, n)

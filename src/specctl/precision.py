@@ -35,6 +35,11 @@ def parse(precision: str) -> str:
     return precision
 
 
+def bf16_wins(fp32_ms: float, bf16_ms: float, min_ms: float = 0.0) -> bool:
+    """The rule both choices apply: bf16 by a clear margin, on work long enough to time."""
+    return fp32_ms >= min_ms and bf16_ms < MARGIN * fp32_ms
+
+
 def pick_dtype(
     load: Callable[[torch.dtype], Any], precision: str, device: str
 ) -> tuple[Any, dict[str, Any]]:
@@ -52,7 +57,7 @@ def pick_dtype(
     fast = load(torch.bfloat16)
     fp32_ms, bf16_ms = forward_ms(model), forward_ms(fast)
     info = {"fp32_ms": round(fp32_ms, 1), "bf16_ms": round(bf16_ms, 1)}
-    if bf16_ms < MARGIN * fp32_ms:
+    if bf16_wins(fp32_ms, bf16_ms):
         return fast, {"dtype": "bf16", **info}
     return model, {"dtype": "fp32", **info}
 
@@ -98,7 +103,7 @@ def matmul_dtype(
     ms = {"fp32": _mm_ms(x, w), "bf16": _mm_ms(x.bfloat16(), w.bfloat16())}
     info = {"fp32_ms": round(ms["fp32"], 2), "bf16_ms": round(ms["bf16"], 2)}
     # under a millisecond (test-sized heads) the ratio is noise and there is nothing to win
-    if ms["fp32"] >= MIN_MS and ms["bf16"] < MARGIN * ms["fp32"]:
+    if bf16_wins(ms["fp32"], ms["bf16"], MIN_MS):
         return torch.bfloat16, {"dtype": "bf16", **info}
     return None, {"dtype": "fp32", **info}
 
