@@ -56,6 +56,23 @@ def test_objective_matches_a_naive_loop() -> None:
     assert r.count.tolist() == [float(mask[:, i + 1 :].sum()) for i in range(n)]
 
 
+def test_bf16_head_products_reach_the_mlp_heads() -> None:
+    """mm_dtype=bf16 (train-draft's head_matmul) runs the MLP heads' own products in bf16,
+    not only the target distribution. Here the distribution stays float64 (mm_weight is the
+    float64 weight), so any change in the loss comes from the heads' products alone."""
+    torch.manual_seed(0)
+    v, h, b, t, n = 96, 32, 2, 9, 3
+    draft = MLPSpeculator(MLPSpeculatorConfig(emb_dim=h, vocab_size=v, n_predict=n)).double()
+    w, last = torch.randn(v, h, dtype=torch.float64), torch.randn(b, t, h, dtype=torch.float64)
+    ids, mask = torch.randint(0, v, (b, t)), torch.ones(b, t, dtype=torch.uint8)
+    exact = mlp_loss(draft, _head(w), ids, mask, last, [1.0] * n)
+    head = _head(w)
+    head.mm_dtype = torch.bfloat16
+    bf16 = mlp_loss(draft, head, ids, mask, last, [1.0] * n)
+    gap = abs(float(bf16.loss) - float(exact.loss)) / float(exact.loss)
+    assert 1e-6 < gap < 2e-2, gap
+
+
 def test_heads_learn_on_a_tiny_target(tmp_path: Path, one_torch_thread: None) -> None:
     target = make_target(tmp_path / "target", position_wise=True)
     files = make_records(target, tmp_path / "recs", 16, T=16, num_aux=0)

@@ -70,7 +70,7 @@ def mlp_loss(
 
         # 4. Soft CE through head i on those rows only (chunked, fused gradients).
         x = states[i].reshape(b * t, -1)[rows]  # [N_i, D]
-        ce_sum, hit = linear_soft_ce(x, draft.head_weight(i), target_p)
+        ce_sum, hit = linear_soft_ce(x, draft.head_weight(i), target_p, mm_dtype=head.mm_dtype)
         loss = loss + weights[i] * ce_sum / count[i].to(loss.dtype).clamp(min=1)
         loss_sum.append(ce_sum.detach())
         hits.append(hit)
