@@ -154,7 +154,12 @@ class Eagle3Drafter:
         self._h = torch.empty(0)  # [1, 1, H] pre-norm state that produced them
         self._idle, self._nap, self._asleep = 0, 1, 0  # empty proposals, next nap, rounds left
         self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []  # unread (tokens, aux)
-        self.naps = 0  # rounds slept (all prompts; eval-accept reports it)
+        self.slept = 0  # rounds slept (all prompts)
+
+    @property
+    def naps(self) -> int | None:
+        """Rounds slept (eval-accept reports it); None for a drafter that never naps."""
+        return self.slept if self.may_nap else None
 
     @torch.inference_mode()
     def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
@@ -215,7 +220,7 @@ class Eagle3Drafter:
     def propose(self, k: int, temperature: float, gen: torch.Generator | None) -> Proposal:
         if self._asleep:
             self._asleep -= 1
-            self.naps += 1
+            self.slept += 1
             return Proposal(tokens=torch.empty(0, dtype=torch.long), conf=[])
         if self._queued:
             self._wake()

@@ -156,7 +156,7 @@ def _run(cfg: EvalConfig) -> dict[str, Any]:
     rows = {n: metrics.summarize(results[n], cfg.k) for n in names}
     for name, drafter in drafters.items():  # rounds an EAGLE-3 chain draft slept through
         naps = getattr(drafter, "naps", None)
-        if naps is not None and name != "eagle3-tree":
+        if naps is not None:
             rows[name]["draft_naps"] = naps
     metrics.add_speedups(rows)
     agreement = None

@@ -63,7 +63,7 @@ class Eagle3TreeDrafter(Eagle3Drafter):
     def __init__(
         self, draft: Any, aux_layers: list[int] | None = None, topk: int = 3, budget: int = 7
     ) -> None:
-        super().__init__(draft, aux_layers)
+        super().__init__(draft, aux_layers, naps=False)  # the tree proposes every round
         self.topk, self.budget = topk, budget
 
     def _new_cache(self) -> DraftCache:
