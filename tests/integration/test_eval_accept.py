@@ -214,11 +214,14 @@ def test_smollm2_lossless_mtbench(tmp_path: Path) -> None:
             prompt_lookup=False,
             hybrid=False,
             threads=1,
+            # the stored curve: a curve timed on a loaded box can make q = 2 look free, and
+            # then even a random draft's 1/2048 guesses "pay" (the timed path: tests above)
+            calibrate=False,
             out=str(tmp_path / "rep"),
         )
     )
     assert s["lossless"] == {"eagle3": "2/2"}
-    # a random draft never pays its verify on the measured curve: it naps most rounds
+    # a random draft never pays its verify: it naps most rounds
     assert s["draft_naps"]["eagle3"] >= 4, s["k_histogram"]
     rep = json.loads((tmp_path / "rep/report.json").read_text())
     assert set(rep["categories"]) == {"writing", "coding"}  # MT-Bench ids 81 and 121
