@@ -208,6 +208,39 @@ def test_tree_of_one_branch_is_the_chain(setup: dict) -> None:
     assert tree == chain
 
 
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_cost_aware_tree_keeps_what_pays_and_stays_lossless(setup: dict, draft: str) -> None:
+    """On a flat curve every node pays: the same trees as the fixed budget (it only stops
+    growing where no deeper node could be kept). On a steep one nothing pays: no proposals.
+    Where verifying more than 4 positions is dear it keeps 3 nodes (the tiny target's flat
+    distributions make every confidence low). Greedy output is unchanged in all."""
+    from specctl.evaluate.tree import Eagle3TreeDrafter, tree_decode
+
+    curves = {
+        "flat": CostModel((1.0,) * 8, (2, 3, 4, 5, 6, 7, 8), step=0.0),
+        "steep": CostModel(tuple(float(q) for q in range(1, 9)), (2, 3, 4, 5, 6, 7, 8)),
+        "knee": CostModel((1.0,) * 4 + (1.5,) * 4, (4, 8), step=0.0),  # 4 positions free
+    }
+
+    def run(cost: CostModel | None) -> list:
+        out = []
+        for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+            d = Eagle3TreeDrafter(setup[draft], topk=3, budget=7)
+            d.cost = cost
+            res = tree_decode(setup["ver"], d, p, depth=4, max_new_tokens=NEW)
+            assert res.tokens == ref
+            out.append(res)
+        return out
+
+    fixed = run(None)
+    runs = {name: run(cost) for name, cost in curves.items()}
+    assert [r.emitted for r in runs["flat"]] == [r.emitted for r in fixed]
+    proposed = {
+        name: sum(sum(r.proposed) for r in rs) for name, rs in [("fixed", fixed), *runs.items()]
+    }
+    assert proposed["steep"] == 0 and 0 < proposed["knee"] < proposed["fixed"], proposed
+
+
 def _median_confidence(s: dict, draft: Eagle3Draft) -> float:
     """Between the two middle top-1 probabilities after each prompt: a threshold that must cut
     (and never ties with a confidence, which rounding could flip)."""

@@ -63,7 +63,8 @@ def command(
         typer.Option(
             "--tree",
             help="Also decode with an EAGLE-2-style draft tree (greedy; depth --k, "
-            "tree_topk/tree_budget via --set).",
+            "tree_topk/tree_budget via --set; cost-aware like the chain: it keeps only the "
+            "nodes whose verify pays).",
         ),
     ] = False,
     out: Annotated[

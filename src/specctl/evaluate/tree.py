@@ -8,6 +8,13 @@ lets each see only its ancestors) and each gets `topk` children. Finally the `bu
 nodes by cumulative log-prob are kept; a child never scores above its parent (log p <= 0, ties
 broken by depth), so the kept set is closed under ancestors.
 
+Cost-aware (eval-accept's default, `cost` set as for the chain): a node is accepted with
+probability exp(its score) when the draft is calibrated, so the best n nodes are expected to
+add the sum of those; the tree keeps the n (<= budget, possibly 0) with the most expected
+emitted tokens per decode step on the verify curve (`CostModel.best_length`), and stops
+growing once no node of the newest depth is among them (deeper nodes score lower still).
+Where a verify of 8 positions costs two decode steps, a fixed budget of 7 cannot pay.
+
 Cache rules: the draft feeds tree nodes into its cache after the committed positions and
 crops them before the accepted tokens are re-read with target states (as in chain mode); the
 target keeps the committed cache plus the accepted path's rows (`Verifier.keep`).
@@ -16,6 +23,7 @@ Temperature > 0 would need multi-draft rejection sampling: not supported, the CL
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +71,7 @@ class Eagle3TreeDrafter(Eagle3Drafter):
     def __init__(
         self, draft: Any, aux_layers: list[int] | None = None, topk: int = 3, budget: int = 7
     ) -> None:
-        super().__init__(draft, aux_layers, naps=False)  # the tree proposes every round
+        super().__init__(draft, aux_layers, naps=False)  # cost-aware, it proposes 0 instead
         self.topk, self.budget = topk, budget
 
     def _new_cache(self) -> DraftCache:
@@ -78,7 +86,10 @@ class Eagle3TreeDrafter(Eagle3Drafter):
         slot: dict[int, int] = {}  # node -> its cache slot (fed nodes only)
         hid: dict[int, torch.Tensor] = {-1: self._h[0, 0]}  # node -> h_out its children read
         frontier = list(range(len(tok)))
+        size, grow = self._best_size(score, dep, 1)
         for d in range(2, depth + 1):
+            if not grow:
+                break
             feed = sorted(frontier, key=lambda i: -score[i])[: self.topk]  # [E]
             base = self.cache.length
             vis = torch.zeros(len(feed), base + len(feed), dtype=torch.bool)
@@ -106,15 +117,32 @@ class Eagle3TreeDrafter(Eagle3Drafter):
                     score.append(score[node] + lp)
                     parent.append(node)
                     dep.append(d)
+            size, grow = self._best_size(score, dep, d)
         self.cache.crop(keep)
-        best = sorted(range(len(tok)), key=lambda i: (-score[i], dep[i]))[: self.budget]
+        best = _ranked(score, dep)[:size]
         order = sorted(best, key=lambda i: (dep[i], i))  # parents before children
         index = {node: j for j, node in enumerate(order)}
         return Tree(
-            tokens=torch.tensor([tok[i] for i in order]),
-            parents=torch.tensor([index[parent[i]] if parent[i] >= 0 else -1 for i in order]),
-            depth=torch.tensor([dep[i] for i in order]),
+            tokens=torch.tensor([tok[i] for i in order], dtype=torch.long),
+            parents=torch.tensor(
+                [index[parent[i]] if parent[i] >= 0 else -1 for i in order], dtype=torch.long
+            ),
+            depth=torch.tensor([dep[i] for i in order], dtype=torch.long),
         )
+
+    def _best_size(self, score: list[float], dep: list[int], newest: int) -> tuple[int, bool]:
+        """(nodes to keep, whether to grow deeper): the budget without a cost model; else the
+        best-rate prefix of the ranked nodes, and whether it holds a node of the newest depth."""
+        if self.cost is None:
+            return self.budget, True
+        ranked = _ranked(score, dep)[: self.budget]
+        n = self.cost.best_length([math.exp(score[i]) for i in ranked], drafted=newest)
+        return n, any(dep[i] == newest for i in ranked[:n])
+
+
+def _ranked(score: list[float], dep: list[int]) -> list[int]:
+    """Node indices best first: highest cumulative log-prob, shallower on ties."""
+    return sorted(range(len(score)), key=lambda i: (-score[i], dep[i]))
 
 
 def tree_decode(
