@@ -177,6 +177,22 @@ def test_tree_mask_matches_separate_chains(setup: dict) -> None:
     assert torch.allclose(tree[2], chain2[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("path", [[0, 2, 4], [0, 1], [0]])
+def test_keep_leaves_the_committed_cache_and_the_accepted_path(setup: dict, path: list) -> None:
+    ver, p = setup["ver"], setup["prompts"][0]
+    ver.reset()
+    ver.forward(p)
+    start = ver.length
+    ver.forward(torch.tensor([7, 11, 22, 33, 44]))  # a verify of root + 4 nodes
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in ver.cache.layers]
+    rows = torch.tensor(path)
+    ver.keep(start, rows)
+    assert ver.length == start + len(path)
+    for (k, v), layer in zip(before, ver.cache.layers, strict=True):
+        assert torch.equal(layer.keys, torch.cat([k[:, :, :start], k[:, :, start + rows]], 2))
+        assert torch.equal(layer.values, torch.cat([v[:, :, :start], v[:, :, start + rows]], 2))
+
+
 @pytest.mark.parametrize("draft", ["random", "trained"])
 def test_tree_is_lossless(setup: dict, draft: str) -> None:
     from specctl.evaluate.tree import Eagle3TreeDrafter, tree_decode

@@ -3,8 +3,9 @@ the target verifies the whole tree in ONE forward with an ancestry mask, and the
 that matches the target's argmax is emitted.
 
 Growing: the root is the last committed token. At each depth the `topk` frontier nodes with
-the highest cumulative draft log-probability are fed to the draft in one call (a tree mask
-lets each see only its ancestors) and each gets `topk` children. Finally the `budget` best
+the highest cumulative draft log-probability (among the nodes that could still be kept) are
+fed to the draft in one call (a tree mask lets each see only its ancestors) and each gets
+`topk` children. Finally the `budget` best
 nodes by cumulative log-prob are kept; a child never scores above its parent (log p <= 0, ties
 broken by depth), so the kept set is closed under ancestors.
 
@@ -90,7 +91,13 @@ class Eagle3TreeDrafter(Eagle3Drafter):
         for d in range(2, depth + 1):
             if not grow:
                 break
-            feed = sorted(frontier, key=lambda i: -score[i])[: self.topk]  # [E]
+            # expand only nodes among the best `size`: a node ranked out now never gets back
+            # in (nodes only join), nor do its children (they rank below it)
+            kept = set(_ranked(score, dep)[:size])
+            feed = [i for i in sorted(frontier, key=lambda i: -score[i]) if i in kept]
+            feed = feed[: self.topk]  # [E]
+            if not feed:
+                break
             base = self.cache.length
             vis = torch.zeros(len(feed), base + len(feed), dtype=torch.bool)
             vis[:, :keep] = True

@@ -133,15 +133,20 @@ class Verifier:
             return logits, None
         return logits, torch.cat([self._captured[i][0] for i in self._sources], dim=-1)
 
+    @torch.inference_mode()
     def keep(self, start: int, rows: torch.Tensor) -> None:
-        """Tree verify: keep the cache before `start` plus the new positions `rows` (accepted path)."""
-        for layer in self.cache.layers:
-            layer.keys = torch.cat(
-                [layer.keys[:, :, :start], layer.keys[:, :, start + rows]], dim=2
-            )
-            layer.values = torch.cat(
-                [layer.values[:, :, :start], layer.values[:, :, start + rows]], dim=2
-            )
+        """Tree verify: keep the cache before `start` plus the new positions `rows` (accepted path).
+
+        The accepted rows move down in place and the rest is cropped: rebuilding the cache
+        with `torch.cat` copied all of it every round (~2 ms a round on SmolLM2 here).
+        """
+        m = rows.numel()
+        if not torch.equal(rows, torch.arange(m)):  # a path that is not already a prefix
+            src = start + rows
+            for layer in self.cache.layers:
+                layer.keys[:, :, start : start + m] = layer.keys[:, :, src]  # gathered first
+                layer.values[:, :, start : start + m] = layer.values[:, :, src]
+        self.crop(self.length - start - m)
 
     def crop(self, n_remove: int) -> None:
         """Drop the last `n_remove` cached positions (rejected drafts and verify padding)."""
