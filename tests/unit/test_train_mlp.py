@@ -56,6 +56,7 @@ def test_objective_matches_a_naive_loop() -> None:
     assert r.count.tolist() == [float(mask[:, i + 1 :].sum()) for i in range(n)]
 
 
+@torch.no_grad()
 def test_bf16_head_products_reach_the_mlp_heads() -> None:
     """mm_dtype=bf16 (train-draft's head_matmul) runs the MLP heads' own products in bf16,
     not only the target distribution. Here the distribution stays float64 (mm_weight is the
