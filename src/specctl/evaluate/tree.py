@@ -5,9 +5,9 @@ that matches the target's argmax is emitted.
 Growing: the root is the last committed token. At each depth the `topk` frontier nodes with
 the highest cumulative draft log-probability (among the nodes that could still be kept) are
 fed to the draft in one call (a tree mask lets each see only its ancestors) and each gets
-`topk` children. Finally the `budget` best
-nodes by cumulative log-prob are kept; a child never scores above its parent (log p <= 0, ties
-broken by depth), so the kept set is closed under ancestors.
+`topk` children. Finally the `budget` best nodes by cumulative log-prob are kept; a child
+never scores above its parent (log p <= 0, ties broken by depth), so the kept set is closed
+under ancestors.
 
 Cost-aware (eval-accept's default, `cost` set as for the chain): a node is accepted with
 probability exp(its score) when the draft is calibrated, so the best n nodes are expected to
@@ -87,13 +87,12 @@ class Eagle3TreeDrafter(Eagle3Drafter):
         slot: dict[int, int] = {}  # node -> its cache slot (fed nodes only)
         hid: dict[int, torch.Tensor] = {-1: self._h[0, 0]}  # node -> h_out its children read
         frontier = list(range(len(tok)))
-        size, grow = self._best_size(score, dep, 1)
+        best = self._best(score, dep, 1)
         for d in range(2, depth + 1):
-            if not grow:
-                break
-            # expand only nodes among the best `size`: a node ranked out now never gets back
-            # in (nodes only join), nor do its children (they rank below it)
-            kept = set(_ranked(score, dep)[:size])
+            # expand only frontier nodes among the best: a node ranked out now never gets back
+            # in (nodes only join), nor do its children (they rank below it); none left (no
+            # node of the newest depth is worth keeping): the tree is grown
+            kept = set(best)
             feed = [i for i in sorted(frontier, key=lambda i: -score[i]) if i in kept]
             feed = feed[: self.topk]  # [E]
             if not feed:
@@ -124,9 +123,8 @@ class Eagle3TreeDrafter(Eagle3Drafter):
                     score.append(score[node] + lp)
                     parent.append(node)
                     dep.append(d)
-            size, grow = self._best_size(score, dep, d)
+            best = self._best(score, dep, d)
         self.cache.crop(keep)
-        best = _ranked(score, dep)[:size]
         order = sorted(best, key=lambda i: (dep[i], i))  # parents before children
         index = {node: j for j, node in enumerate(order)}
         return Tree(
@@ -137,19 +135,13 @@ class Eagle3TreeDrafter(Eagle3Drafter):
             depth=torch.tensor([dep[i] for i in order], dtype=torch.long),
         )
 
-    def _best_size(self, score: list[float], dep: list[int], newest: int) -> tuple[int, bool]:
-        """(nodes to keep, whether to grow deeper): the budget without a cost model; else the
-        best-rate prefix of the ranked nodes, and whether it holds a node of the newest depth."""
+    def _best(self, score: list[float], dep: list[int], drafted: int) -> list[int]:
+        """The nodes to keep, best first (highest cumulative log-prob, shallower on ties): the
+        `budget` best without a cost model, else the prefix of them with the best rate."""
+        ranked = sorted(range(len(score)), key=lambda i: (-score[i], dep[i]))[: self.budget]
         if self.cost is None:
-            return self.budget, True
-        ranked = _ranked(score, dep)[: self.budget]
-        n = self.cost.best_length([math.exp(score[i]) for i in ranked], drafted=newest)
-        return n, any(dep[i] == newest for i in ranked[:n])
-
-
-def _ranked(score: list[float], dep: list[int]) -> list[int]:
-    """Node indices best first: highest cumulative log-prob, shallower on ties."""
-    return sorted(range(len(score)), key=lambda i: (-score[i], dep[i]))
+            return ranked
+        return ranked[: self.cost.best_length([math.exp(score[i]) for i in ranked], drafted)]
 
 
 def tree_decode(
