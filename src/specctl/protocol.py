@@ -280,9 +280,10 @@ class Descriptor:
     T: int
     crc: int
     producer: str
+    put: str  # the put's publication token: two descriptors of one put share it
 
     @classmethod
-    def for_header(cls, header: RecordHeader, *, run: str, producer: str) -> Descriptor:
+    def for_header(cls, header: RecordHeader, *, run: str, producer: str, put: str) -> Descriptor:
         """The descriptor of a packed record (ties key, sizes and header CRC together)."""
         return cls(
             v=VERSION,
@@ -294,6 +295,7 @@ class Descriptor:
             T=header.T,
             crc=header.header_crc,
             producer=producer,
+            put=put,
         )
 
     def to_json(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -62,9 +64,45 @@ def check_record(record, seq: int) -> None:
     assert torch.equal(record.aux_hidden[0], aux[0].to(torch.bfloat16)), seq
 
 
+class _DieAfter:
+    """Control-plane proxy that SIGKILLs this process after its n-th call inside a put: a
+    real kill at an exact point of `put_record`, cleanup handlers and all skipped."""
+
+    def __init__(self, store: object, n: int) -> None:
+        self._store, self.n, self.armed = store, n, False
+
+    def __getattr__(self, name: str) -> object:
+        fn = getattr(self._store, name)
+
+        def call(*a: object, **kw: object) -> object:
+            if self.armed and self.n == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            out = fn(*a, **kw)
+            if self.armed:
+                self.n -= 1
+                if self.n == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        return call
+
+
 def produce(args: argparse.Namespace) -> dict:
     client = Client.connect(args.store, role="producer")
     client.run_meta("num_prompts", str(args.num_prompts))
+    if args.die_after is not None:
+        proxy = _DieAfter(client.ctl.store, args.die_after)
+        client.ctl.store = proxy  # type: ignore[assignment]
+        put = client.put_record
+
+        def put_then_die(*a: object, **kw: object) -> object:
+            proxy.armed, proxy.n = True, args.die_after
+            if put(*a, **kw) is None:  # type: ignore[arg-type]
+                proxy.armed = False  # lost the claim (a seq the store published): next one
+                return None
+            raise SystemExit(f"--die-after {args.die_after}: the put made fewer calls")
+
+        client.put_record = put_then_die  # type: ignore[method-assign]
     published, skipped = [], []
     while (lease := client.lease_prompts(args.batch, limit=args.limit)) is not None:
         for seq in lease.seqs:
@@ -133,6 +171,8 @@ def main() -> None:
     p.add_argument("--corrupt", type=int, nargs="*", default=[])
     p.add_argument("--start-after", type=float, default=0.0)
     p.add_argument("--idle-timeout", type=float, default=30.0)
+    p.add_argument("--die-after", type=int, help="SIGKILL itself after the n-th control-plane "
+                   "call of its first put (0: before any)")  # fmt: skip
     args = p.parse_args()
     result = produce(args) if args.role == "producer" else consume(args)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -155,11 +155,7 @@ def stats(addr: str) -> dict[str, Any]:
 
     a = parse(addr)
     ctl = Control.connect(a.host, a.port, 10.0)
-    return {
-        **ctl.counters(),
-        "queued": ctl.qlen(keys.RECORDS),
-        "inflight_records": ctl.count("inflight_records", 0),
-    }
+    return {**ctl.counters(), "queued": ctl.qlen(keys.RECORDS)}
 
 
 def state(out: Path) -> dict[str, Any]:

@@ -159,14 +159,14 @@ def test_encode_header_refuses_impossible_fields():
 
 def descriptor(**kw) -> p.Descriptor:
     fields = dict(v=1, key="run/3/7", run="run", epoch=3, index=7, nbytes=640, T=5, crc=99,
-                  producer="host:123")  # fmt: skip
+                  producer="host:123", put="host:123:0/5")  # fmt: skip
     fields.update(kw)
     return p.Descriptor(**fields)
 
 
 def test_descriptor_round_trip_and_header_match():
     h = p.parse_header(record(epoch=3, index=7))
-    d = p.Descriptor.for_header(h, run="run", producer="host:123")
+    d = p.Descriptor.for_header(h, run="run", producer="host:123", put="host:123:0/5")
     text = d.to_json()
     assert len(text.encode()) < 1024
     assert p.Descriptor.from_json(text) == d
@@ -177,7 +177,7 @@ def test_descriptor_round_trip_and_header_match():
 @pytest.mark.parametrize("field", ["epoch", "index", "nbytes", "T", "crc"])
 def test_descriptor_disagreeing_with_header_is_rejected(field):
     h = p.parse_header(record(epoch=3, index=7))
-    d = p.Descriptor.for_header(h, run="run", producer="host:123")
+    d = p.Descriptor.for_header(h, run="run", producer="host:123", put="host:123:0/5")
     fields = json.loads(d.to_json())
     fields[field] += 1
     fields["key"] = p.record_key("run", fields["epoch"], fields["index"])

@@ -9,10 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from specctl.protocol import Descriptor
 from specctl.store import control as keys
 from specctl.store.address import bind_listener
 from specctl.store.control import Control
 from specctl.store.leases import LeaseBook
+from specctl.store.ledger import Ledger
 from specctl.store.supervisor import Supervisor
 
 pytestmark = pytest.mark.unit
@@ -28,8 +30,18 @@ def ctl() -> Iterator[Control]:
 
 
 def register(ctl: Control, role: str, cid: str) -> None:
-    ctl.append(keys.CLIENTS, f"{role}|{cid};")
-    ctl.add(keys.hb(cid), 1)
+    ctl.register(role, cid)
+
+
+def pending_put(ctl: Control, cid: str, epoch: int, index: int, nbytes: int) -> Descriptor:
+    """A put as `put_record` leaves it mid-way: claimed and counted in the ledger."""
+    desc = Descriptor(v=1, key=f"r1/{epoch}/{index}", run="r1", epoch=epoch, index=index,
+                      nbytes=nbytes, T=4, crc=7, producer="h:1", put=f"{cid}/1")  # fmt: skip
+    ctl.claim(keys.pub(epoch, index), desc.put)
+    ctl.set(keys.acct(cid), Ledger(2, 3000).begin(desc.to_json(), nbytes).dumps())
+    ctl.count("drained_bytes", 3000)  # its two earlier puts were acked
+    ctl.count("drained_records", 2)
+    return desc
 
 
 def test_claim_is_won_once(ctl: Control) -> None:
@@ -135,11 +147,9 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
     sup = Supervisor(ttl_s=0.2, run="r1", remove=remove)
     register(ctl, "producer", "dead")
     ctl.set("run/num_prompts", "10")
-    ctl.claim(keys.pub(0, 4), "dead/1")
-    ctl.set(keys.resv("dead"), "0/4/1000")
+    pending_put(ctl, "dead", 0, 4, 1000)
     ctl.set(keys.lease("dead"), "[4, 5]")
-    for name, n in (("inflight_bytes", 1000), ("inflight_records", 1), ("puts", 1)):
-        ctl.count(name, n)
+    assert ctl.counters()["inflight_bytes"] == 1000
     t0 = time.monotonic()
     while not removed:
         assert time.monotonic() - t0 < 5
@@ -153,5 +163,27 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
     assert ctl.get(keys.lease("dead")) is None
     assert ctl.pop_all(keys.RETURNED) == ["4"]  # once its key was gone
     assert ctl.get(keys.pub(0, 4)) is None
-    assert (ctl.count("inflight_bytes", 0), ctl.count("inflight_records", 0)) == (0, 0)
-    assert ctl.count("puts", 0) == 0 and ctl.get(keys.resv("dead")) is None
+    c = ctl.counters()
+    got = (c["inflight_bytes"], c["inflight_records"], c["puts"], c["put_bytes"])
+    assert got == (0, 0, 2, 3000)  # the ledger's earlier puts stay, the dead one is undone
+    assert ctl.ledger("dead") == Ledger(2, 3000)
+
+
+def test_supervisor_publishes_a_put_whose_object_was_whole(ctl: Control) -> None:
+    removed: list[str] = []
+    sup = Supervisor(ttl_s=0.2, run="r1", remove=lambda key: removed.append(key) or 0)
+    register(ctl, "producer", "dead")
+    ctl.set("run/num_prompts", "10")
+    desc = pending_put(ctl, "dead", 0, 6, 500)
+    ctl.set(keys.acct("dead"), ctl.ledger("dead").written().dumps())  # died publishing
+    ctl.set(keys.lease("dead"), "[6]")
+    t0 = time.monotonic()
+    while ctl.get(keys.lease("dead")) is not None:
+        assert time.monotonic() - t0 < 5
+        sup.tick(ctl)
+        time.sleep(0.05)
+    assert ctl.pop_all(keys.RECORDS) == [desc.to_json()]  # published for it, not removed
+    assert removed == [] and ctl.get(keys.pub(0, 6)) == desc.put + keys.PUBLISHED
+    assert ctl.pop_all(keys.RETURNED) == ["6"]  # re-leased, it loses the marked claim
+    assert ctl.ledger("dead") == Ledger(3, 3500)
+    assert (ctl.counters()["inflight_records"], ctl.counters()["inflight_bytes"]) == (1, 500)

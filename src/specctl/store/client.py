@@ -5,9 +5,10 @@ Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, 
 
 Records live in receive slots: registered buffers filled by Mooncake `get_into`; a
 `Received.record` stays valid until it is acked (or `release()`d), after which its slot is
-reused. In-flight bytes (put, not yet acked) are a control-plane counter: `put_record` waits
-while they are above the high watermark until they drop to the low one, and Mooncake's
--200 (full) is waited out too, so a slow trainer slows producers and nothing is dropped.
+reused. In-flight bytes (put, not yet acked) are what the producers' ledgers (ledger.py)
+counted minus what consumers drained: `put_record` waits while they are above the high
+watermark until they drop to the low one, and Mooncake's -200 (full) is waited out too,
+so a slow trainer slows producers and nothing is dropped.
 
 Exactly once: a seq is leased to one producer at a time (leases.py); its publication is
 claimed on the control plane before the put, so a re-issued seq is never published twice
@@ -42,6 +43,7 @@ from specctl.store import control as keys
 from specctl.store.address import is_loopback, parse, require
 from specctl.store.control import Control
 from specctl.store.leases import Lease, LeaseBook
+from specctl.store.ledger import Ledger
 from specctl.store.objects import NOT_FOUND, TRANSIENT, Objects, describe
 from specctl.store.slots import Slot, Slots
 
@@ -80,8 +82,8 @@ class Client:
             args=(ctl.clone(), float(ctl.get(keys.meta("lease_ttl_s")) or 5.0)),
             daemon=True,
         )
-        ctl.add(keys.hb(self.id), 1)
-        ctl.append(keys.CLIENTS, f"{role}|{self.id};")
+        self._ledger = Ledger()
+        ctl.register(role, self.id)
         self._beat.start()
 
     @classmethod
@@ -173,7 +175,6 @@ class Client:
                 f"record header is ({header.epoch}, {header.index}, T={header.T}), "
                 f"put_record was told ({epoch}, {index}, T={T})"
             )
-        desc = Descriptor.for_header(header, run=self.run, producer=self.producer)
         nbytes = header.total_nbytes
         if nbytes > self.capacity:
             raise StoreError(
@@ -184,31 +185,35 @@ class Client:
         token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
-        # 3. reserve the bytes (noting the reservation first, so the reaper can undo it if we
-        #    die before publishing; waiting while in-flight bytes are too high), then put
-        #    from a registered buffer
+        desc = Descriptor.for_header(header, run=self.run, producer=self.producer, put=token)
+        # 3. count the put in our ledger (waiting while in-flight bytes are too high), then
+        #    put from a registered buffer
         ptr = self._registered_ptr(buf, nbytes)
-        self._reserve(f"{epoch}/{index}/{nbytes}", nbytes)
-        for name, n in (("inflight_records", 1), ("puts", 1), ("put_bytes", nbytes)):
-            self.ctl.count(name, n)
+        self._reserve(desc.to_json(), nbytes)
         try:
             waits = self.objects.put(desc.key, ptr, nbytes)
         except BaseException:
-            self._account(-nbytes, -1)
+            self._write_ledger(self._ledger.undone(nbytes))
             self.ctl.delete(keys.pub(epoch, index))
-            self.ctl.delete(keys.resv(self.id))
             raise
-        # 4. publish, then mark the claim published (the reaper keeps marked claims)
+        # 4. publish, then mark the claim published (the reaper keeps marked claims); a
+        #    producer dying in between leaves a whole object the reaper publishes for it
+        self._write_ledger(self._ledger.written())
         self.ctl.push(keys.RECORDS, desc.to_json())
-        self.ctl.set_many({keys.pub(epoch, index): token + keys.PUBLISHED, keys.resv(self.id): ""})
+        self._ledger = self._ledger.published()
+        self.ctl.set_many(
+            {
+                keys.pub(epoch, index): token + keys.PUBLISHED,
+                keys.acct(self.id): self._ledger.dumps(),
+            }
+        )
         if waits:
             self.ctl.count("waits", waits)
         return desc
 
-    def _account(self, nbytes: int, records: int) -> None:
-        for name, n in (("inflight_bytes", nbytes), ("inflight_records", records),
-                        ("puts", records), ("put_bytes", nbytes)):  # fmt: skip
-            self.ctl.count(name, n)
+    def _write_ledger(self, ledger: Ledger) -> None:
+        self.ctl.set(keys.acct(self.id), ledger.dumps())
+        self._ledger = ledger
 
     def _registered_ptr(self, buf: Any, nbytes: int) -> int:
         ptr = int(buf.data_ptr())
@@ -219,19 +224,17 @@ class Client:
         staged.copy_(buf.reshape(-1)[:nbytes])
         return int(staged.data_ptr())
 
-    def _reserve(self, note: str, nbytes: int) -> None:
-        """Note the put (`resv`) and add its bytes in flight: two round trips when there is
-        room. Above the high watermark both are taken back while we wait for the low one,
-        so a producer that dies waiting leaves nothing for the reaper to undo."""
-        self.ctl.set(keys.resv(self.id), note)
-        cur = self.ctl.count("inflight_bytes", nbytes)
+    def _reserve(self, desc: str, nbytes: int) -> None:
+        """Count the put in our ledger, then read what is in flight: above the high
+        watermark the count is taken back while we wait for the low one, so a producer
+        that dies waiting leaves nothing for the reaper to undo."""
+        self._write_ledger(self._ledger.begin(desc, nbytes))
+        cur = self.ctl.counters(member=True)["inflight_bytes"]
         if cur == nbytes or cur <= self.high_wm:
             return
-        self.ctl.count("inflight_bytes", -nbytes)
-        self.ctl.set(keys.resv(self.id), "")
+        self._write_ledger(self._ledger.undone(nbytes))
         self._wait_for_room(cur - nbytes, nbytes)
-        self.ctl.set(keys.resv(self.id), note)
-        self.ctl.count("inflight_bytes", nbytes)
+        self._write_ledger(self._ledger.begin(desc, nbytes))
 
     def _wait_for_room(self, cur: int, nbytes: int) -> None:
         """Block while in-flight bytes (`cur` now) are above the low watermark."""
@@ -247,7 +250,7 @@ class Client:
                 last_log = now
             time.sleep(delay)
             delay = min(delay * 1.5, 0.1)
-            cur = self.ctl.count("inflight_bytes", 0)
+            cur = self.ctl.counters(member=True)["inflight_bytes"]
         self.ctl.count("waits", 1)
 
     # ------------------------------------------------------------------ consumer side
@@ -297,8 +300,9 @@ class Client:
             desc.check_matches(record.header)
         except RecordError as e:
             self.slots.give(slot)
-            if self.ctl.get(keys.got(*sid)) is not None:  # its twin was delivered and acked
-                self._drop_repeat(desc)
+            delivered = self.ctl.get(keys.got(*sid))
+            if delivered is not None:  # its twin was delivered and acked
+                self._drop_repeat(desc, delivered)
             else:
                 log(f"[store] bad record {desc.key}: {e}; sample {sid} goes back to producers")
                 self._hand_back(desc)
@@ -307,23 +311,31 @@ class Client:
             self.slots.give(slot)
             raise
         # 3. claim the delivery: exactly one consumer is handed each sample
-        token = f"{self.id}/{next(_ids)}"
-        if self.ctl.claim(keys.got(*sid), token) != token:
+        token = f"{desc.put}>{self.id}/{next(_ids)}"
+        delivered = self.ctl.claim(keys.got(*sid), token)
+        if delivered != token:
             self.slots.give(slot)
-            self._drop_repeat(desc)
+            self._drop_repeat(desc, delivered)
             return None
         self.ctl.count("gets", 1)
         return Received(desc, record, slot)
 
-    def _drop_repeat(self, desc: Descriptor) -> None:
+    def _drop_repeat(self, desc: Descriptor, delivered: str | None = None) -> None:
+        """Drop a stale descriptor or a repeat of a delivered sample (`delivered`: its
+        delivery claim). A second descriptor of the same put (the reaper published it for
+        a producer that died publishing) owns nothing: the put is drained by its twin."""
         log(f"[store] dropping a repeated or stale descriptor {desc.key}")
-        self._discard(desc)
+        if delivered is None or delivered.split(">", 1)[0] != desc.put:
+            self._discard(desc)
         self.ctl.count("repeats", 1)
 
     def _discard(self, desc: Descriptor) -> None:
         self.objects.remove(desc.key)
-        self.ctl.count("inflight_bytes", -desc.nbytes)
-        self.ctl.count("inflight_records", -1)
+        self._drain(desc.nbytes, 1)
+
+    def _drain(self, nbytes: int, records: int) -> None:
+        self.ctl.count("drained_bytes", nbytes)
+        self.ctl.count("drained_records", records)
 
     def _hand_back(self, desc: Descriptor) -> None:
         seq = self._seq(desc.epoch, desc.index)
@@ -341,8 +353,7 @@ class Client:
         if not received:
             return
         self.objects.remove_many([got.descriptor.key for got in received])
-        self.ctl.count("inflight_bytes", -sum(got.descriptor.nbytes for got in received))
-        self.ctl.count("inflight_records", -len(received))
+        self._drain(sum(got.descriptor.nbytes for got in received), len(received))
         self.ctl.count("acks", len(received))
         for got in received:
             self.release(got)
@@ -361,8 +372,8 @@ class Client:
         """
         self.ctl.pop_all(keys.RECORDS)
         self.objects.remove_prefix(f"{self.run}/")
-        for name in ("inflight_bytes", "inflight_records"):
-            self.ctl.count(name, -self.ctl.count(name, 0))
+        counts = self.ctl.counters()
+        self._drain(counts["inflight_bytes"], counts["inflight_records"])
         self.ctl.pop_all(keys.RETURNED)  # all below the cursor: re-derived just below
         cursor = self.ctl.cursor()[0]
         back = [seq for seq in range(cursor) if self._sid(seq) not in trained]
@@ -382,7 +393,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Counters, queue lengths and capacity as the control plane sees them."""
-        out: dict[str, Any] = dict(self.ctl.counters())
+        out: dict[str, Any] = dict(self.ctl.counters(member=True))
         out.update(
             queued=self.ctl.qlen(keys.RECORDS),
             returned=self.ctl.qlen(keys.RETURNED),

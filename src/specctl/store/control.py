@@ -14,13 +14,16 @@ client of it. The keys (all under one store, one run per store):
 | `pub/<epoch>/<index>`  | value   | publication claim: `<client>/<n>` of the owning put, `!` once pushed |
 | `got/<epoch>/<index>`  | value   | delivery claim: the consumer that was handed this sample |
 | `lease/<client>`       | value   | JSON list of the seqs a producer holds and has not finished |
-| `resv/<client>`        | value   | `epoch/index/nbytes` of the put in progress (counted, not yet published); empty: none |
+| `acct/<client>`        | value   | a producer's ledger: its put totals and the put in progress (ledger.py) |
 | `clients`              | append  | `role|id;` for every client that ever connected |
 | `hb/<client>`          | counter | heartbeat, bumped every lease_ttl/3 |
 | `left/<client>`        | value   | set by a clean `close()` |
-| `n/<counter>`          | counter | inflight_bytes, inflight_records, puts, put_bytes, gets, acks, requeued, corrupt, repeats, waits |
+| `n/<counter>`          | counter | drained_bytes, drained_records, gets, acks, requeued, corrupt, repeats, waits |
 | `stats/<name>`         | value   | rates the server publishes each second |
 | `ctl/shutdown`         | value   | `store down` sets it; the server exits cleanly |
+
+`counters()` adds the derived counts: puts and put_bytes (sums of the ledgers) and
+inflight_bytes/inflight_records (those sums minus the drained counts).
 
 TCPStore traps: a blocking `queue_pop` that times out may still take the next item on the
 server after the client gave up (that item would be lost), so we only pop non-blocking and
@@ -38,6 +41,7 @@ from datetime import timedelta
 from typing import Any
 
 from specctl.errors import StoreUnavailable
+from specctl.store.ledger import Ledger
 
 RECORDS = "q/records"
 RETURNED = "q/returned"
@@ -46,10 +50,8 @@ PUBLISHED = "!"  # suffix of a publication claim whose descriptor was pushed
 CLIENTS = "clients"
 SHUTDOWN = "ctl/shutdown"
 COUNTERS = (
-    "inflight_bytes",
-    "inflight_records",
-    "puts",
-    "put_bytes",
+    "drained_bytes",
+    "drained_records",
     "gets",
     "acks",
     "requeued",
@@ -71,8 +73,8 @@ def got(epoch: int, index: int) -> str:
     return f"got/{epoch}/{index}"
 
 
-def resv(client_id: str) -> str:
-    return f"resv/{client_id}"
+def acct(client_id: str) -> str:
+    return f"acct/{client_id}"
 
 
 def lease(client_id: str) -> str:
@@ -224,8 +226,42 @@ class Control:
     def count(self, name: str, n: int = 1) -> int:
         return self.add(counter(name), n)
 
-    def counters(self) -> dict[str, int]:
-        return {name: self.count(name, 0) for name in COUNTERS}
+    def init_counters(self) -> None:
+        """Create every counter (at 0), so `counters()` reads them in one round trip."""
+        for name in COUNTERS:
+            self.count(name, 0)
+
+    def counters(self, member: bool = False) -> dict[str, int]:
+        """Every counter, the ledgers' sums and what is in flight, read in one snapshot.
+
+        `member`: the caller is a registered client of a ready store, so every key exists
+        (the server creates the counters before `ready`, `register` the ledger before
+        listing the client) and two round trips do; otherwise existence is checked first.
+        """
+        ids = [cid for _, cid in self.clients(member)]
+        names = [acct(cid) for cid in ids] + [counter(name) for name in COUNTERS]
+        if member or self.store.check(names):
+            raw = self.store.multi_get(names)
+        else:  # a store whose counters were never created: read one by one
+            raw = [(self.get(k) or Ledger().dumps()).encode() for k in names[: len(ids)]]
+            raw += [str(self.count(name, 0)).encode() for name in COUNTERS]
+        ledgers = [Ledger.loads(bytes(r)) for r in raw[: len(ids)]]
+        out = {name: int(bytes(r)) for name, r in zip(COUNTERS, raw[len(ids) :], strict=True)}
+        out["puts"] = sum(x.puts for x in ledgers)
+        out["put_bytes"] = sum(x.put_bytes for x in ledgers)
+        out["inflight_records"] = out["puts"] - out["drained_records"]
+        out["inflight_bytes"] = out["put_bytes"] - out["drained_bytes"]
+        return out
+
+    def ledger(self, client_id: str) -> Ledger:
+        raw = self.get(acct(client_id))
+        return Ledger.loads(raw) if raw else Ledger()
+
+    def register(self, role: str, client_id: str) -> None:
+        """Announce a client, its ledger first: every listed client has one (any role may put)."""
+        self.set(acct(client_id), Ledger().dumps())
+        self.add(hb(client_id), 1)
+        self.append(CLIENTS, f"{role}|{client_id};")
 
     # queues
     def push(self, queue: str, value: str) -> None:
@@ -266,9 +302,10 @@ class Control:
         for seq in seqs:
             self.push(RETURNED, str(seq))
 
-    def clients(self) -> list[tuple[str, str]]:
-        """(role, id) of every client that ever connected, in connection order."""
-        raw = self.get(CLIENTS, "") or ""
+    def clients(self, member: bool = False) -> list[tuple[str, str]]:
+        """(role, id) of every client that ever connected, in connection order (`member`:
+        the caller is one of them, so the key exists and one round trip does)."""
+        raw = bytes(self.store.get(CLIENTS)).decode() if member else self.get(CLIENTS, "") or ""
         out = []
         for item in raw.split(";"):
             if "|" in item:

@@ -123,6 +123,7 @@ class Server:
         }
         for k, v in facts.items():
             self.ctl.set(keys.meta(k), str(v))
+        self.ctl.init_counters()
         self.ctl.set(keys.meta("ready"), "1")
         self._write_state()
 

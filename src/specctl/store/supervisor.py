@@ -2,15 +2,13 @@
 
 A heartbeat is a counter each client bumps; we time its changes with our own clock, so
 clients' clocks do not matter. A producer silent for `lease_ttl_s` is declared dead and:
-1. a put it had counted but not published (`resv/<id>`) is undone: in-flight bytes and
-   put counters go back down and the object is force-removed;
+1. the put in progress in its ledger (ledger.py) is settled: one still being written is
+   taken back (counts down, object force-removed); one whose object was whole is published
+   (descriptor pushed, claim marked), as the producer would have;
 2. its publication claims on its leased seqs that are not marked published are dropped;
 3. its lease (`lease/<id>`, the seqs it had not finished) goes back to `q/returned`.
-Known gap: the reservation note and the four counter updates of a put are separate TCPStore
-round trips (TCPStore has no multi-key add), so a kill inside those few round trips makes
-the undo of step 1 over- or under-correct the put counters by that one put. Samples stay
-exactly-once and the object is removed; only back-pressure accounting is off by one record
-until the store restarts.
+Each step reads and writes whole values, so a kill at any point of a put leaves the counts
+exact (tests/unit/test_store_control.py walks every point).
 If it was only slow and publishes after all, the consumers' delivery claim
 (`got/<epoch>/<index>`) still hands each sample out once.
 
@@ -29,8 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from specctl.protocol import Descriptor
 from specctl.store import control as keys
 from specctl.store.control import Control
+from specctl.store.ledger import PUBLISHING
 from specctl.store.objects import NOT_FOUND
 
 
@@ -68,7 +68,7 @@ class Supervisor:
 
     def _reap(self, ctl: Control, cid: str) -> None:
         prompts = int(ctl.get("run/num_prompts") or 0)
-        stuck = self._undo_put(ctl, cid)
+        stuck = self._settle_put(ctl, cid)
         raw = ctl.get(keys.lease(cid))
         seqs: list[int] = json.loads(raw) if raw else []
         back = []
@@ -85,21 +85,26 @@ class Supervisor:
         self._write_lease(ctl, cid)
         ctl.count("requeued", len(seqs))
 
-    def _undo_put(self, ctl: Control, cid: str) -> tuple[int, int] | None:
-        """Undo a put counted but never published; the sample id if its key is half-written."""
-        raw = ctl.get(keys.resv(cid))
-        if not raw:
+    def _settle_put(self, ctl: Control, cid: str) -> tuple[int, int] | None:
+        """Finish or take back a dead producer's put in progress; the sample id if its key is
+        half-written (held until it can be removed)."""
+        ledger = ctl.ledger(cid)
+        if not ledger.phase:
             return None
-        epoch, index, nbytes = (int(x) for x in raw.split("/"))
+        desc = Descriptor.from_json(ledger.desc)
+        pub = keys.pub(desc.epoch, desc.index)
+        ours = ctl.get(pub) == desc.put  # not marked published; still this put's to settle
+        if ledger.phase == PUBLISHING and ours:
+            ctl.push(keys.RECORDS, ledger.desc)  # perhaps again: consumers drop the twin
+            ctl.set_many(
+                {pub: desc.put + keys.PUBLISHED, keys.acct(cid): ledger.published().dumps()}
+            )
+            return None
         stuck = None
-        claim = ctl.get(keys.pub(epoch, index)) or ""
-        if claim.startswith(cid + "/") and not claim.endswith(keys.PUBLISHED):
-            rc = self.remove(f"{self.run}/{epoch}/{index}") if self.remove else 0
-            stuck = (epoch, index) if rc not in (0, NOT_FOUND) else None
-            for name, n in (("inflight_bytes", -nbytes), ("inflight_records", -1),
-                            ("puts", -1), ("put_bytes", -nbytes)):  # fmt: skip
-                ctl.count(name, n)
-        ctl.delete(keys.resv(cid))
+        if ours:
+            rc = self.remove(desc.key) if self.remove else 0
+            stuck = (desc.epoch, desc.index) if rc not in (0, NOT_FOUND) else None
+        ctl.set(keys.acct(cid), ledger.undone(desc.nbytes).dumps())
         return stuck
 
     def _release_held(self, ctl: Control) -> None:

@@ -114,14 +114,14 @@ class StoreSink:
         """Back-pressure as put_record does it (above high, wait for low), but give up when
         the run is over; put_record then finds room and does not wait again."""
         c = self.client
-        cur = c.ctl.count("inflight_bytes", 0)
+        cur = c.ctl.counters(member=True)["inflight_bytes"]
         if cur == 0 or cur + nbytes <= c.high_wm:
             return
         while cur > 0 and cur + nbytes > c.low_wm:
             if self.run_over():
                 raise RunOver(self.stopped or "")
             time.sleep(0.05)
-            cur = c.ctl.count("inflight_bytes", 0)
+            cur = c.ctl.counters(member=True)["inflight_bytes"]
 
     def done(self, seq: int) -> None:
         self._lease.done(seq)
