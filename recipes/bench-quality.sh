@@ -11,7 +11,7 @@
 #      best checkpoint chosen by simulated AL on the held-out set;
 #   3. eval-accept on MT-Bench (greedy, lossless-checked): target alone, the best draft and
 #      prompt lookup interleaved in one run -> acceptance length and speed-up.
-# Budget knobs (env): BQ_MIX, BQ_SAMPLES, BQ_VOCAB_SAMPLES, BQ_NEW_TOKENS, BQ_STEPS, BQ_VOCAB, BQ_TTT, BQ_LR,
+# Budget knobs (env): BQ_MIX, BQ_REPLAY, BQ_SAMPLES, BQ_VOCAB_SAMPLES, BQ_NEW_TOKENS, BQ_STEPS, BQ_VOCAB, BQ_TTT, BQ_LR,
 # BQ_EVAL_EVERY, BQ_EVAL_PROMPTS, BQ_EVAL_TOKENS, BQ_K, BQ_OUT. The defaults aim at <= 2 h on
 # an idle 2-core CPU; the summary (OUT/bench-quality.json) says what it took.
 set -euo pipefail
@@ -22,7 +22,11 @@ OUT=${BQ_OUT:-runs/bench-quality}
 MIX=${BQ_MIX:-chatterbot:3,self:2}
 SAMPLES=${BQ_SAMPLES:-2400}
 NEW_TOKENS=${BQ_NEW_TOKENS:-128}
-STEPS=${BQ_STEPS:-$((SAMPLES * 48 / 100))}  # one pass over the 98% not held out, 2 ranks x batch 1
+# replays (train-draft --set replay=N) fill the trainer's waits for fresh samples: with them
+# the trainer has time for ~1.5 passes while the producers write one (it waited 35% of the
+# run without), so the step budget grows with them
+REPLAY=${BQ_REPLAY:-1}
+STEPS=${BQ_STEPS:-$((SAMPLES * 48 * (2 + REPLAY) / 200))}  # passes over the 98% not held out, 2 ranks x batch 1
 VOCAB=${BQ_VOCAB:-auto}
 TTT=${BQ_TTT:-5}
 LR=${BQ_LR:-1e-3}
@@ -69,7 +73,7 @@ PRODUCERS=("${PIDS[@]}")
 	--eval-from "$OUT/heldout" --ttt-length "$TTT" --max-steps "$STEPS" --batch-size 1 \
 	--lr "$LR" --max-wait 300 --set heldout=0.02 --set optim.warmup_steps=50 \
 	--set eval_every="$EVAL_EVERY" --set save_every="$EVAL_EVERY" --set log_every=25 \
-	>"$OUT/train-draft.json" &
+	--set replay="$REPLAY" >"$OUT/train-draft.json" &
 PIDS+=($!)
 TRAINER=$!
 for p in "${PRODUCERS[@]}"; do wait "$p"; done  # one by one: `wait A B` reports only B's exit
@@ -108,6 +112,7 @@ result = {
     "samples_produced": produced,
     "samples_by_source": sources,
     "distinct_samples_trained": tr.get("samples"),
+    "samples_replayed": tr.get("replayed"),
     "train_tokens": tr.get("tokens"),
     "steps": tr.get("steps"),
     "draft_vocab_size": tr.get("draft_vocab_size"),
@@ -124,7 +129,8 @@ result = {
 e = sys.stderr
 print(f"\nspecctl bench-quality finished in {wall // 60}m{wall % 60:02d}s", file=e)
 print(f"  samples: {result['samples_produced']} produced, {result['distinct_samples_trained']}"
-      f" distinct trained, {result['train_tokens']} tokens, {result['steps']} steps", file=e)
+      f" distinct trained ({result['samples_replayed']} replays), {result['train_tokens']} tokens,"
+      f" {result['steps']} steps", file=e)
 print(f"  draft vocab {result['draft_vocab_size']} from {out / 'vocab-set'}: covers"
       f" {result['vocab_coverage_heldout']:.3f} of the held-out set's target tokens", file=e)
 print(f"  best step {result['best_step']}: held-out sim AL {result['heldout_sim_al']:.3f}"

@@ -114,6 +114,7 @@ def test_store_training_exactly_once_and_resume(recs: tuple[Path, Path], tmp_pat
         held = {tuple(x) for x in state["heldout_seen"]}
         assert trained | held == {(0, i) for i in range(N)} and not trained & held
         assert state["samples"] == len(trained) == summary["samples"]  # each exactly once
+        assert summary["replayed"] == 0  # replay is off by default
         assert len(list((out / "heldout").glob("*.rec"))) == len(held) > 0
         status = json.loads(run_cli("store", "status", "--store", addr, check=True).stdout)
         assert (status["inflight_bytes"], status["queued"], status["objects"]) == (0, 0, 0)
@@ -122,3 +123,31 @@ def test_store_training_exactly_once_and_resume(recs: tuple[Path, Path], tmp_pat
         empty = run_cli(*args(target, addr, tmp_path / "empty", "--max-wait", "1"), env=ENV)
         assert empty.returncode == 1
         assert "no records arrived from the store within --max-wait 1s" in _one_error(empty.stderr)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_replay_trains_again_on_spooled_samples_without_counting_them(
+    recs: tuple[Path, Path], tmp_path: Path, nproc: int
+) -> None:
+    """--set replay=1: once the store has no fresh record, a micro-batch with 2 fresh
+    samples after it is trained once more; exactly-once bookkeeping is untouched."""
+    target, rec_dir = recs
+    with running_store(tmp_path / "store", "--capacity", "64MiB") as st:
+        addr = st["address"]
+        with Client.connect(addr, role="producer") as prod:
+            assert produce(prod, rec_dir) == N
+        out = tmp_path / "run"
+        extra = ("--set", "replay=1", "--set", "replay_gap=2", "--max-wait", "2")
+        proc = run_cli(*args(target, addr, out, *extra, "--nproc", str(nproc)), env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout)
+        state = json.loads((out / "latest" / "trainer_state.json").read_text())
+        trained = {tuple(x) for x in state["trained"]}
+        held = {tuple(x) for x in state["heldout_seen"]}
+        assert trained | held == {(0, i) for i in range(N)} and not trained & held
+        assert state["samples"] == len(trained) == summary["samples"]
+        assert summary["replayed"] == state["replayed"] < len(trained)
+        if nproc == 1:  # all but the trailing micro-batches with < 2 fresh samples after
+            assert summary["replayed"] >= len(trained) - 3  # them (gap - 1 + batch_size)
+        else:  # the run ends when one rank has nothing: the other's replays may be left
+            assert summary["replayed"] >= len(trained) // 2

@@ -62,7 +62,8 @@ def command(
 ) -> None:
     """Train an EAGLE-3 draft or an MLP speculator; one JSON summary line on stdout.
 
-    Other settings (grad_accum, epochs, heldout, eval_every, save_every, optim.*, draft.*)
+    Other settings (grad_accum, epochs, heldout, eval_every, save_every, optim.*, draft.*,
+    replay=N: with --store, train again on trained samples while no fresh one is ready)
     go through --config / --set. --draft mlp reads only last hidden states (records from
     `serve-target --features last` suffice); its knobs: --n-predict, --set draft.inner_dim=N,
     draft.tie_weights=true, draft.scale_input=true, mlp.head_weights=[1,1,1]. Examples:

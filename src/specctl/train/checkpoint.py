@@ -45,6 +45,7 @@ class TrainerState:
     trained: set[SampleId] = field(default_factory=set)  # in the current data pass
     heldout_seen: set[SampleId] = field(default_factory=set)  # consumed but never trained
     samples: int = 0
+    replayed: int = 0  # replayed samples (replay.py), not in `samples`
     tokens: int = 0
     best_al: float = 0.0
     best_step: int = 0
@@ -56,6 +57,7 @@ class TrainerState:
             "step": self.step,
             "data_pass": self.data_pass,
             "samples": self.samples,
+            "replayed": self.replayed,
             "tokens": self.tokens,
             "best_al": self.best_al,
             "best_step": self.best_step,
@@ -71,6 +73,7 @@ class TrainerState:
             step=d["step"],
             data_pass=d["data_pass"],
             samples=d["samples"],
+            replayed=d.get("replayed", 0),
             tokens=d["tokens"],
             best_al=d["best_al"],
             best_step=d.get("best_step", 0),

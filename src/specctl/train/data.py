@@ -46,6 +46,7 @@ class Batch:
     lengths: list[int]
     handles: list[Any] = field(default_factory=list)  # store Received objects, acked after the step
     data_pass: int = 0  # dir mode: which pass over the directory
+    replayed: int = 0  # a replay (replay.py) of this many samples; its `ids` are empty
 
     @property
     def tokens(self) -> int:

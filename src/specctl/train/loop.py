@@ -248,6 +248,7 @@ def _loop(
     return {
         "steps": state.step,
         "samples": state.samples,
+        "replayed": state.replayed,  # later passes over trained samples (--set replay=N)
         "tokens": state.tokens,
         "loss": last.get("loss"),
         "acc_0": last.get("acc_0"),
@@ -331,13 +332,16 @@ def _train_step(
     optim.zero_grad(set_to_none=True)
     tokens = torch.tensor([float(sum(b.tokens for b in group if b.ids))], device=env.device)
     samples = torch.tensor([float(sum(len(b.ids) for b in group))], device=env.device)
+    replayed = torch.tensor([float(sum(b.replayed for b in group))], device=env.device)
     parallel.all_reduce(sums)
     parallel.all_reduce(tokens)
     parallel.all_reduce(samples)
+    parallel.all_reduce(replayed)
     for b in group:
         state.trained.update(b.ids)
     state.step += 1
     state.samples += int(samples.item())
+    state.replayed += int(replayed.item())
     state.tokens += int(tokens.item())
     return _step_metrics(sums, grad_norm, cfg.step_weights())
 

@@ -78,6 +78,12 @@ class TrainDraftConfig:
     compile: bool = False
     seed: int = 0
     max_wait_s: float = 60.0  # store: stop (or fail, if nothing came) after this idle time
+    # store: while no fresh record is ready, train again on a micro-batch already trained
+    # (each up to `replay` more times, once `replay_gap` later samples were trained; the
+    # spool, per rank, keeps at most `replay_mb` MiB). 0: off (replay.py)
+    replay: int = 0
+    replay_gap: int = 128
+    replay_mb: int = 1024
     heldout: float = 0.02  # fraction of sample ids held out for evaluation
     max_heldout: int = 64
     # held-out set from a different prompt source (record dir): picks `best`, early stopping
@@ -109,6 +115,8 @@ class TrainDraftConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0 <= self.heldout < 1:
             raise UsageError(f"heldout must be in [0, 1), got {self.heldout}")
+        if min(self.replay, self.replay_gap, self.replay_mb) < 0:
+            raise UsageError("replay, replay_gap and replay_mb must be >= 0")
         if self.max_wait_s < 0:
             raise UsageError(f"max-wait must be >= 0, got {self.max_wait_s}")
         if self.draft.draft_vocab_size != "auto" and self.draft.draft_vocab_size < 1:

@@ -32,6 +32,7 @@ from specctl.train.data import (
     load_batch,
     read_record,
 )
+from specctl.train.replay import ReplaySpool
 from specctl.train.run_config import TrainDraftConfig
 
 DraftConfig = Eagle3Config | MLPSpeculatorConfig
@@ -106,6 +107,7 @@ class StoreStream:
     """Records from the store; held-out ones are saved under OUT/heldout/ and acked at once."""
 
     FILL_WAIT_S = 1.0  # how long a partly filled micro-batch waits for more records
+    REPLAY_POLL_S = 0.05  # how long a micro-batch waits for a fresh record before a replay
 
     def __init__(
         self,
@@ -135,6 +137,7 @@ class StoreStream:
         self._held_new: list[tuple[int, int]] = []
         self._held_files: list[str] = []
         self._held_batches: list[Batch] = []
+        self.replay = ReplaySpool(cfg.replay, cfg.replay_gap, cfg.replay_mb << 20)
 
     def first_samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank 0 pulls the first records (kept for training) and yields them for counting."""
@@ -155,28 +158,44 @@ class StoreStream:
         while not pf.stop.is_set():
             group: list[Batch] = []
             for _ in range(c.grad_accum):
-                recs: list[Any] = []
-                while len(recs) < c.batch_size:
-                    if self._pre:
-                        got = self._pre.pop(0)
-                    else:
-                        first = not recs and not group
-                        got = self._next(pf, c.max_wait_s if first else self.FILL_WAIT_S)
-                    if got is None:
-                        break
-                    recs.append(got)
-                if not recs:
+                recs = self._fresh(pf, first=not group)
+                if recs:
+                    ids = [(g.descriptor.epoch, g.descriptor.index) for g in recs]
+                    records = [g.record for g in recs]
+                    b = collate(records, ids, handles=recs, with_aux=self.dims[1] > 0)
+                    self.replay.add(b)
+                    group.append(b)
+                elif (again := self.replay.take()) is not None:
+                    group.append(again)
+                else:
                     break
-                ids = [(g.descriptor.epoch, g.descriptor.index) for g in recs]
-                group.append(
-                    collate([g.record for g in recs], ids, handles=recs, with_aux=self.dims[1] > 0)
-                )
             if not group:
                 if not self._ever:
                     self._no_data()
                 return
             if not pf.put(group):
                 return
+
+    def _fresh(self, pf: Prefetcher, first: bool) -> list[Any]:
+        """Up to batch_size fresh records for one micro-batch. The first waits --max-wait
+        (FILL_WAIT_S if the group has one already), or only REPLAY_POLL_S while a replay is
+        ready to take its place; the others FILL_WAIT_S."""
+        recs: list[Any] = []
+        while len(recs) < self.cfg.batch_size:
+            if self._pre:
+                got = self._pre.pop(0)
+            else:
+                if recs:
+                    wait = self.FILL_WAIT_S
+                elif self.replay.ready():
+                    wait = self.REPLAY_POLL_S
+                else:
+                    wait = self.cfg.max_wait_s if first else self.FILL_WAIT_S
+                got = self._next(pf, wait)
+            if got is None:
+                break
+            recs.append(got)
+        return recs
 
     def _no_data(self) -> None:
         raise StoreError(
