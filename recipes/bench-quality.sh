@@ -22,10 +22,10 @@ OUT=${BQ_OUT:-runs/bench-quality}
 MIX=${BQ_MIX:-chatterbot:3,self:2}
 SAMPLES=${BQ_SAMPLES:-2400}
 NEW_TOKENS=${BQ_NEW_TOKENS:-128}
-# replays (train-draft --set replay=N) fill the trainer's waits for fresh samples: with them
-# the trainer has time for ~1.5 passes while the producers write one (it waited 35% of the
-# run without), so the step budget grows with them
-REPLAY=${BQ_REPLAY:-1}
+# BQ_REPLAY=N: train-draft --set replay=N fills the trainer's waits with later passes over
+# trained samples, and the step budget grows to (2 + N) / 2 passes. Off: on 2 shared cores
+# the waits are the producers' CPU time, so replays cost fresh samples (docs/benchmarks.md)
+REPLAY=${BQ_REPLAY:-0}
 STEPS=${BQ_STEPS:-$((SAMPLES * 48 * (2 + REPLAY) / 200))}  # passes over the 98% not held out, 2 ranks x batch 1
 VOCAB=${BQ_VOCAB:-auto}
 TTT=${BQ_TTT:-5}
