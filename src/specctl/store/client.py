@@ -189,7 +189,8 @@ class Client:
         # 3. count the put in our ledger (waiting while in-flight bytes are too high), then
         #    put from a registered buffer
         ptr = self._registered_ptr(buf, nbytes)
-        self._reserve(desc.to_json(), nbytes)
+        text = desc.to_json()
+        self._reserve(text, nbytes)
         try:
             waits = self.objects.put(desc.key, ptr, nbytes)
         except BaseException:
@@ -199,7 +200,7 @@ class Client:
         # 4. publish, then mark the claim published (the reaper keeps marked claims); a
         #    producer dying in between leaves a whole object the reaper publishes for it
         self._write_ledger(self._ledger.written())
-        self.ctl.push(keys.RECORDS, desc.to_json())
+        self.ctl.push(keys.RECORDS, text)
         self._ledger = self._ledger.published()
         self.ctl.set_many(
             {
@@ -229,12 +230,16 @@ class Client:
         watermark the count is taken back while we wait for the low one, so a producer
         that dies waiting leaves nothing for the reaper to undo."""
         self._write_ledger(self._ledger.begin(desc, nbytes))
-        cur = self.ctl.counters(member=True)["inflight_bytes"]
+        cur = self.inflight_bytes()
         if cur == nbytes or cur <= self.high_wm:
             return
         self._write_ledger(self._ledger.undone(nbytes))
         self._wait_for_room(cur - nbytes, nbytes)
         self._write_ledger(self._ledger.begin(desc, nbytes))
+
+    def inflight_bytes(self) -> int:
+        """Bytes put and not yet acked, store-wide (one snapshot of the ledgers and counters)."""
+        return self.ctl.counters(member=True)["inflight_bytes"]
 
     def _wait_for_room(self, cur: int, nbytes: int) -> None:
         """Block while in-flight bytes (`cur` now) are above the low watermark."""
@@ -250,7 +255,7 @@ class Client:
                 last_log = now
             time.sleep(delay)
             delay = min(delay * 1.5, 0.1)
-            cur = self.ctl.counters(member=True)["inflight_bytes"]
+            cur = self.inflight_bytes()
         self.ctl.count("waits", 1)
 
     # ------------------------------------------------------------------ consumer side
@@ -372,7 +377,7 @@ class Client:
         """
         self.ctl.pop_all(keys.RECORDS)
         self.objects.remove_prefix(f"{self.run}/")
-        counts = self.ctl.counters()
+        counts = self.ctl.counters(member=True)
         self._drain(counts["inflight_bytes"], counts["inflight_records"])
         self.ctl.pop_all(keys.RETURNED)  # all below the cursor: re-derived just below
         cursor = self.ctl.cursor()[0]

@@ -8,7 +8,7 @@ clients' clocks do not matter. A producer silent for `lease_ttl_s` is declared d
 2. its publication claims on its leased seqs that are not marked published are dropped;
 3. its lease (`lease/<id>`, the seqs it had not finished) goes back to `q/returned`.
 Each step reads and writes whole values, so a kill at any point of a put leaves the counts
-exact (tests/unit/test_store_control.py walks every point).
+exact (tests/integration/test_store_e2e.py kills a producer at every point of a put).
 If it was only slow and publishes after all, the consumers' delivery claim
 (`got/<epoch>/<index>`) still hands each sample out once.
 

@@ -114,20 +114,20 @@ class StoreSink:
         """Back-pressure as put_record does it (above high, wait for low), but give up when
         the run is over; put_record then finds room and does not wait again."""
         c = self.client
-        cur = c.ctl.counters(member=True)["inflight_bytes"]
+        cur = c.inflight_bytes()
         if cur == 0 or cur + nbytes <= c.high_wm:
             return
         while cur > 0 and cur + nbytes > c.low_wm:
             if self.run_over():
                 raise RunOver(self.stopped or "")
             time.sleep(0.05)
-            cur = c.ctl.counters(member=True)["inflight_bytes"]
+            cur = c.inflight_bytes()
 
     def done(self, seq: int) -> None:
         self._lease.done(seq)
 
     def inflight_bytes(self) -> int:
-        return int(self.client.stats().get("inflight_bytes", 0))
+        return self.client.inflight_bytes()
 
     def close(self) -> None:
         self.client.close()  # unfinished seqs go back to the pool
