@@ -16,7 +16,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-from specctl.errors import StoreError
 from specctl.pack import unpack_record
 from tests.conftest import REPO, SPECCTL, run_cli
 from tests.goldens.tiny_target import CONVERSATIONS, build_tiny_target
@@ -150,12 +149,6 @@ def test_model_vllm_cannot_load_is_one_line(tmp_path: Path) -> None:
     assert not any((tmp_path / "o").glob("*.rec"))
 
 
-@pytest.mark.xfail(
-    raises=StoreError,
-    strict=False,
-    reason="store bug (src/specctl/store), as in the hf engine's kill test: a re-put of a key "
-    "whose put_from died with the victim can leave the consumer a -703 'replica not ready'",
-)
 def test_kill_a_vllm_producer_every_prompt_exactly_once(smol: Path, tmp_path: Path) -> None:
     import signal
     import subprocess
