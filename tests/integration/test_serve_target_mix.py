@@ -109,3 +109,33 @@ def test_endless_producer_stops_when_the_trainer_leaves(tiny: Path, tmp_path: Pa
         assert proc.returncode == 0, err[-3000:]
         s = json.loads(out.strip().splitlines()[-1])
         assert s["stopped"] == "trainer finished" and s["records"] >= 4
+
+
+def test_endless_producer_waiting_for_room_stops_when_the_trainer_leaves(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """A full store and no trainer left: the producer blocked on back-pressure gives up
+    (`Client.wait_for_room`'s give_up) instead of waiting for room forever."""
+    from specctl.store import Client
+    from tests.integration.test_serve_target_store import producer, running_store, stats
+
+    with running_store(tmp_path / "state", "--capacity", "16MiB") as store:
+        proc = producer(
+            store, "--model", str(tiny), "--data", "chatterbot:1,self:1", "--epochs", "0",
+            "--temperature", "1.0", "--max-new-tokens", "4", "--set", "lease_size=16",
+        )  # fmt: skip
+        try:
+            with Client.connect(store, role="trainer") as trainer:
+                assert trainer.next_record(timeout_s=60) is not None  # joined; acks nothing
+                full = stats(store)["high_wm"] - 2**16  # above it the next put waits
+                deadline = time.monotonic() + 150
+                while stats(store)["inflight_bytes"] < full and time.monotonic() < deadline:
+                    time.sleep(0.5)
+            out, err = proc.communicate(timeout=60)  # the trainer left: the producer ends
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        s = json.loads(out.strip().splitlines()[-1])
+        assert s["stopped"] == "trainer finished", s
+        st = stats(store)
+        assert st["inflight_bytes"] > st["low_wm"]  # it stopped while waiting for room

@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,11 +242,28 @@ class Client:
         """Bytes put and not yet acked, store-wide (one snapshot of the ledgers and counters)."""
         return self.ctl.counters(member=True)["inflight_bytes"]
 
-    def _wait_for_room(self, cur: int, nbytes: int) -> None:
-        """Block while in-flight bytes (`cur` now) are above the low watermark."""
+    def wait_for_room(self, nbytes: int, give_up: Callable[[], bool] | None = None) -> bool:
+        """Back-pressure before a put, as `put_record` applies it: when `nbytes` more would
+        go above the high watermark, block until in-flight bytes fall below the low one.
+
+        False when `give_up()` said so first (a producer whose run ended). Waiting here,
+        before the put claims its sample, leaves nothing to undo when the caller stops.
+        """
+        cur = self.inflight_bytes()
+        if cur == 0 or cur + nbytes <= self.high_wm:
+            return True
+        return self._wait_for_room(cur, nbytes, give_up)
+
+    def _wait_for_room(
+        self, cur: int, nbytes: int, give_up: Callable[[], bool] | None = None
+    ) -> bool:
+        """Block while in-flight bytes (`cur` now) are above the low watermark; False if
+        `give_up()` returned True first."""
         t0 = last_log = time.monotonic()
         delay = 0.005
         while cur > 0 and cur + nbytes > self.low_wm:
+            if give_up is not None and give_up():
+                return False
             now = time.monotonic()
             if now - last_log > 30:
                 log(
@@ -257,6 +275,7 @@ class Client:
             delay = min(delay * 1.5, 0.1)
             cur = self.inflight_bytes()
         self.ctl.count("waits", 1)
+        return True
 
     # ------------------------------------------------------------------ consumer side
 

@@ -107,21 +107,10 @@ class StoreSink:
         return self.client.buffer(nbytes)
 
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
-        self._wait_for_room(int(buf.numel()))
+        # Wait for room here, giving up when the run is over; put_record then finds room
+        if not self.client.wait_for_room(int(buf.numel()), give_up=self.run_over):
+            raise RunOver(self.stopped or "")
         return self.client.put_record(buf, epoch=epoch, index=index, T=T) is not None
-
-    def _wait_for_room(self, nbytes: int) -> None:
-        """Back-pressure as put_record does it (above high, wait for low), but give up when
-        the run is over; put_record then finds room and does not wait again."""
-        c = self.client
-        cur = c.inflight_bytes()
-        if cur == 0 or cur + nbytes <= c.high_wm:
-            return
-        while cur > 0 and cur + nbytes > c.low_wm:
-            if self.run_over():
-                raise RunOver(self.stopped or "")
-            time.sleep(0.05)
-            cur = c.inflight_bytes()
 
     def done(self, seq: int) -> None:
         self._lease.done(seq)
