@@ -89,7 +89,7 @@ def test_eval_accept_checkpoint_vs_export(tiny: dict[str, Path]) -> None:
         )
     )
     assert a["drafter"] == "eagle3" and a["prompts"] == 4
-    variants = {"eagle3", "eagle3-tree", "prompt-lookup", "eagle3+lookup"}
+    variants = {"eagle3", "eagle3-tree", "eagle3-tree+lookup", "prompt-lookup", "eagle3+lookup"}
     assert a["lossless"] == {v: "4/4" for v in variants}
     assert 1.0 <= a["acceptance_length"] < 1.5 and len(a["accept_rate"]) == 4
     assert set(a["speedups"]) == {"target", *variants}

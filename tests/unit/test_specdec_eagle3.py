@@ -11,7 +11,7 @@ import torch
 from specctl.draft.eagle3 import DraftCache, Eagle3Config, Eagle3Draft
 from specctl.draft.vocab import build_mapping
 from specctl.evaluate.drafters import Eagle3Drafter, HybridDrafter, PromptLookupDrafter
-from specctl.evaluate.specdec import CostModel, speculative_decode, target_decode
+from specctl.evaluate.specdec import CostModel, Proposal, speculative_decode, target_decode
 from specctl.evaluate.verifier import Verifier
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -467,3 +467,70 @@ def test_a_draft_that_proposes_never_naps(setup: dict) -> None:
         res = speculative_decode(ver, d, p, k=4, max_new_tokens=NEW)
         assert res.tokens == ref and min(res.proposed) > 0
     assert d.naps == 0
+
+
+class _FixedLookup:
+    """A lookup stand-in proposing fixed guesses with fixed confidences."""
+
+    def __init__(self, tokens: list[int], conf: list[float]) -> None:
+        self.tokens, self.conf = tokens, conf
+
+    def propose(self, k: int, temperature: float, gen: object) -> Proposal:
+        return Proposal(tokens=torch.tensor(self.tokens[:k], dtype=torch.long), conf=self.conf[:k])
+
+
+def _grafted(tokens: list[int], conf: list[float], budget: int = 7, cost=None):
+    """The draft grew root -> 10 (p .6) -> 11 (.3), root -> 20 (.2); lookup guesses `tokens`."""
+    from specctl.evaluate.tree import Eagle3TreeLookupDrafter, _Grown
+
+    class Fixed(Eagle3TreeLookupDrafter):
+        def _grow(self, depth: int) -> _Grown:
+            return _Grown([10, 20, 11], [0.6, 0.2, 0.3], [-1, -1, 0], [1, 1, 2], [0, 2, 1], 2)
+
+    d = Fixed.__new__(Fixed)  # no draft model: only the grafting runs
+    d.budget, d.cost, d.lookup = budget, cost, _FixedLookup(tokens, conf)
+    tree = d.propose_tree(4)
+    paths = []
+    for i in range(tree.tokens.numel()):
+        path, j = [], i
+        while j >= 0:
+            path.insert(0, int(tree.tokens[j]))
+            j = int(tree.parents[j])
+        paths.append(tuple(path))
+    return dict(zip(paths, tree.depth.tolist(), strict=True)), tree
+
+
+def test_lookup_follows_the_draft_where_they_agree_and_branches_where_not() -> None:
+    paths, tree = _grafted([10, 12, 13], [0.7, 0.5, 0.4])
+    # the shared first guess, the draft's second guess and lookup's branch off it
+    assert set(paths) == {(10,), (20,), (10, 11), (10, 12), (10, 12, 13)}
+    assert all(int(p) < i for i, p in enumerate(tree.parents.tolist()))  # parents first
+    # a budget keeps the likeliest: 10 (.7), 12 (.5), 13 (.4); 11 shares what 12 leaves:
+    # .3 * (1 - .5 / .7) = .086, below 20 (.2)
+    paths, _ = _grafted([10, 12, 13], [0.7, 0.5, 0.4], budget=4)
+    assert set(paths) == {(10,), (10, 12), (10, 12, 13), (20,)}
+
+
+def test_lookup_branch_at_the_root_and_the_cost_cut() -> None:
+    paths, _ = _grafted([30, 31], [0.9, 0.8])
+    # lookup's .9 at the root leaves the draft's first guesses a tenth of their chance
+    assert set(paths) == {(30,), (30, 31), (10,), (20,), (10, 11)}
+    steep = CostModel(tuple(1.0 + 0.4 * q for q in range(8)), (2, 3, 4, 5, 6, 7, 8), step=0.0)
+    paths, _ = _grafted([30, 31], [0.9, 0.8], cost=steep)
+    assert set(paths) == {(30,), (30, 31)}  # only lookup's sure guesses pay their verify
+
+
+@pytest.mark.parametrize("draft", ["random", "trained"])
+def test_tree_with_lookup_is_lossless_and_grafts(setup: dict, draft: str) -> None:
+    from specctl.evaluate.tree import Eagle3TreeLookupDrafter, tree_decode
+
+    ver, grafted = setup["ver"], 0
+    for cost in (None, CostModel.of(ver)):
+        for p, ref in zip(setup["prompts"], setup["refs"], strict=True):
+            lookup = PromptLookupDrafter(learn_confidence=True)
+            d = Eagle3TreeLookupDrafter(setup[draft], None, lookup, topk=3, budget=7)
+            d.cost = cost
+            res = tree_decode(ver, d, p, depth=4, max_new_tokens=NEW)
+            assert res.tokens == ref
+            grafted += sum(sum(t) for t in lookup._tried.values())  # rounds lookup guessed in
+    assert grafted > 0

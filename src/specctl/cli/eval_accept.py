@@ -64,7 +64,8 @@ def command(
             "--tree",
             help="Also decode with an EAGLE-2-style draft tree (greedy; depth --k, "
             "tree_topk/tree_budget via --set; cost-aware like the chain: it keeps only the "
-            "nodes whose verify pays).",
+            "nodes whose verify pays), and with prompt lookup's guesses grafted onto that "
+            "tree (row eagle3-tree+lookup).",
         ),
     ] = False,
     out: Annotated[

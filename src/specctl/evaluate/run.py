@@ -193,7 +193,7 @@ def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos:
     shapes = tuple(cfg.verify_shapes) if cfg.verify_shapes else None  # None: the verifier's
 
     def decode(name: str, ids: torch.Tensor, max_new: int) -> DecodeResult:
-        if name == "eagle3-tree":
+        if name.startswith("eagle3-tree"):  # the tree, alone or with lookup grafted on
             return tree_decode(
                 verifier,
                 drafters[name],

@@ -91,6 +91,13 @@ def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, 
             PromptLookupDrafter(min_ngram=cfg.hybrid_min_ngram, learn_confidence=True), chain()
         )
         out[hybrid.name] = hybrid
+        if cfg.tree:
+            from specctl.evaluate.tree import Eagle3TreeLookupDrafter
+
+            lookup = PromptLookupDrafter(min_ngram=cfg.hybrid_min_ngram, learn_confidence=True)
+            out[Eagle3TreeLookupDrafter.name] = Eagle3TreeLookupDrafter(
+                draft, aux, lookup, cfg.tree_topk, cfg.tree_budget
+            )
     return out
 
 

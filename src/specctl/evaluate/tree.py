@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from specctl.draft.eagle3 import DraftCache
-from specctl.evaluate.drafters import Eagle3Drafter
+from specctl.evaluate.drafters import Eagle3Drafter, PromptLookupDrafter
 from specctl.evaluate.specdec import DecodeResult, _pick, verify_len
 from specctl.evaluate.verifier import Verifier
 
@@ -57,6 +57,45 @@ def ancestry(parents: torch.Tensor) -> torch.Tensor:
     return vis
 
 
+@dataclass
+class _Grown:
+    """A grown tree's nodes (index order: parents first) with each one's chance of being
+    accepted (cumulative draft probability), the ones kept, and the draft steps taken."""
+
+    tok: list[int]
+    prob: list[float]
+    parent: list[int]
+    dep: list[int]
+    best: list[int]
+    steps: int
+
+    def tree(self, keep: list[int]) -> Tree:
+        """The kept nodes (closed under ancestors) as a Tree, parents before children."""
+        order = sorted(keep, key=lambda i: (self.dep[i], i))
+        index = {node: j for j, node in enumerate(order)}
+        par = [index[self.parent[i]] if self.parent[i] >= 0 else -1 for i in order]
+        return Tree(
+            tokens=torch.tensor([self.tok[i] for i in order], dtype=torch.long),
+            parents=torch.tensor(par, dtype=torch.long),
+            depth=torch.tensor([self.dep[i] for i in order], dtype=torch.long),
+        )
+
+    def add(self, tok: int, parent: int, prob: float) -> int:
+        self.tok.append(tok)
+        self.prob.append(prob)
+        self.parent.append(parent)
+        self.dep.append(self.dep[parent] + 1 if parent >= 0 else 1)
+        return len(self.tok) - 1
+
+    def scale(self, node: int, factor: float) -> None:
+        """Multiply a node's chance and its descendants' (they are conditioned on it)."""
+        below = {node}
+        for i in range(node, len(self.tok)):  # parents come before their children
+            if i in below or self.parent[i] in below:
+                below.add(i)
+                self.prob[i] *= factor
+
+
 class _MaskedCache(DraftCache):
     """A DraftCache whose next call attends with an explicit mask [n, length + n] when set."""
 
@@ -78,8 +117,12 @@ class Eagle3TreeDrafter(Eagle3Drafter):
     def _new_cache(self) -> DraftCache:
         return _MaskedCache()
 
-    @torch.inference_mode()
     def propose_tree(self, depth: int) -> Tree:
+        grown = self._grow(depth)
+        return grown.tree(grown.best)
+
+    @torch.inference_mode()
+    def _grow(self, depth: int) -> _Grown:
         keep = self.cache.length
         logp = torch.log_softmax(self._logits, -1).topk(self.topk)  # the root's children
         tok = [int(self._draft_to_target[i]) for i in logp.indices]
@@ -88,6 +131,7 @@ class Eagle3TreeDrafter(Eagle3Drafter):
         hid: dict[int, torch.Tensor] = {-1: self._h[0, 0]}  # node -> h_out its children read
         frontier = list(range(len(tok)))
         best = self._best(score, dep, 1)
+        steps = 1
         for d in range(2, depth + 1):
             # expand only frontier nodes among the best: a node ranked out now never gets back
             # in (nodes only join), nor do its children (they rank below it); none left (no
@@ -113,6 +157,7 @@ class Eagle3TreeDrafter(Eagle3Drafter):
             pos = torch.full((1, len(feed)), keep + d - 2)  # node at depth d-1 sits at keep+d-2
             lg, h = self.draft.decode(ids, hidden, pos, self.cache)  # [1,E,Vd], [1,E,H]
             self.cache.mask = None
+            steps = d
             frontier = []
             for j, node in enumerate(feed):
                 hid[node] = h[0, j]
@@ -125,15 +170,7 @@ class Eagle3TreeDrafter(Eagle3Drafter):
                     dep.append(d)
             best = self._best(score, dep, d)
         self.cache.crop(keep)
-        order = sorted(best, key=lambda i: (dep[i], i))  # parents before children
-        index = {node: j for j, node in enumerate(order)}
-        return Tree(
-            tokens=torch.tensor([tok[i] for i in order], dtype=torch.long),
-            parents=torch.tensor(
-                [index[parent[i]] if parent[i] >= 0 else -1 for i in order], dtype=torch.long
-            ),
-            depth=torch.tensor([dep[i] for i in order], dtype=torch.long),
-        )
+        return _Grown(tok, [math.exp(x) for x in score], parent, dep, best, steps)
 
     def _best(self, score: list[float], dep: list[int], drafted: int) -> list[int]:
         """The nodes to keep, best first (highest cumulative log-prob, shallower on ties): the
@@ -142,6 +179,73 @@ class Eagle3TreeDrafter(Eagle3Drafter):
         if self.cost is None:
             return ranked
         return ranked[: self.cost.best_length([math.exp(score[i]) for i in ranked], drafted)]
+
+
+class Eagle3TreeLookupDrafter(Eagle3TreeDrafter):
+    """The draft tree with prompt lookup's guesses grafted on, verified in the same forward.
+
+    `HybridDrafter` (chains) must pick one proposal a round; a tree can hold both, and on this
+    CPU's verify curve a few more positions cost little once a verify is paid for (q = 5 -> 6
+    is ~0.03 decode steps). Lookup's guesses follow the draft's nodes while they agree and
+    branch off where they differ. Each node's chance of acceptance: the draft's cumulative
+    probability, lookup's learned confidence on its path (the larger where both guess the same
+    token), and where lookup branches off, the draft's siblings share only what lookup leaves
+    (they are alternatives to the same position). The best nodes by that chance, cut by the
+    cost model as in the plain tree, are verified; the walk takes whichever branch the target
+    agrees with, so greedy output stays the target's.
+    """
+
+    name = "eagle3-tree+lookup"
+
+    def __init__(
+        self,
+        draft: Any,
+        aux_layers: list[int] | None,
+        lookup: PromptLookupDrafter,
+        topk: int = 3,
+        budget: int = 7,
+    ) -> None:
+        super().__init__(draft, aux_layers, topk, budget)
+        self.lookup = lookup  # learns its confidence; its own cost stays None: cut here
+
+    def start(self, prompt: torch.Tensor, aux: torch.Tensor | None, first: int) -> None:
+        self.lookup.start(prompt, None, first)
+        super().start(prompt, aux, first)
+
+    def advance(self, tokens: torch.Tensor, aux: torch.Tensor | None) -> None:
+        self.lookup.advance(tokens, None)
+        super().advance(tokens, aux)
+
+    def propose_tree(self, depth: int) -> Tree:
+        grown = self._grow(depth)
+        found = self.lookup.propose(depth, 0.0, None)
+        if not found.tokens.numel():
+            return grown.tree(grown.best)
+        # rank the draft's nodes as `_best` does, before the cost cut (the union is cut below)
+        ranked = sorted(range(len(grown.tok)), key=lambda i: (-grown.prob[i], grown.dep[i]))
+        cands = set(ranked[: self.budget])
+        conf = found.conf or [0.5] * found.tokens.numel()  # nothing learned: the prior
+        node, reach = -1, 1.0  # reach: the chance of getting to `node`
+        for tok, c in zip(found.tokens.tolist(), conf, strict=True):
+            kids = [i for i in range(len(grown.tok)) if grown.parent[i] == node]
+            same = next((i for i in kids if grown.tok[i] == tok), None)
+            if same is not None:
+                grown.prob[same] = max(grown.prob[same], c)
+                node = same
+            else:
+                if reach > 0:  # the draft's guesses here share what lookup leaves
+                    left = max(0.0, 1.0 - c / reach)
+                    for i in kids:
+                        grown.scale(i, left)
+                node = grown.add(tok, node, c)
+            reach = grown.prob[node]
+            cands.add(node)
+        # parents never rank below their children (cumulative chances), so every prefix of
+        # this order is a tree
+        keep = sorted(cands, key=lambda i: (-grown.prob[i], grown.dep[i]))[: self.budget]
+        if self.cost is not None:
+            keep = keep[: self.cost.best_length([grown.prob[i] for i in keep], grown.steps)]
+        return grown.tree(keep)
 
 
 def tree_decode(
