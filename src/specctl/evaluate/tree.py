@@ -16,6 +16,10 @@ emitted tokens per decode step on the verify curve (`CostModel.best_length`), an
 growing once no node of the newest depth is among them (deeper nodes score lower still).
 Where a verify of 8 positions costs two decode steps, a fixed budget of 7 cannot pay.
 
+With prompt lookup (`Eagle3TreeLookupDrafter`, eval-accept's `eagle3-tree+lookup` row):
+lookup's n-gram guesses are grafted onto the grown tree, sharing its nodes where they agree,
+and the union is ranked and cut by the same rule.
+
 Cache rules: the draft feeds tree nodes into its cache after the committed positions and
 crops them before the accepted tokens are re-read with target states (as in chain mode); the
 target keeps the committed cache plus the accepted path's rows (`Verifier.keep`).
