@@ -84,16 +84,23 @@ def test_serve_target_mixes_chatterbot_and_self_prompts(tiny: Path, tmp_path: Pa
     assert not (tmp_path / "never").exists()
 
 
+def _endless_producer(store: str, tiny: Path, lease_size: int):
+    """serve-target --epochs 0 on the tiny target: fresh samples until the run is over."""
+    from tests.integration.test_serve_target_store import producer
+
+    return producer(
+        store, "--model", str(tiny), "--data", "chatterbot:1,self:1", "--epochs", "0",
+        "--temperature", "1.0", "--max-new-tokens", "4", "--set", f"lease_size={lease_size}",
+    )  # fmt: skip
+
+
 def test_endless_producer_stops_when_the_trainer_leaves(tiny: Path, tmp_path: Path) -> None:
     """`--epochs 0`: fresh samples until the only trainer closes its client cleanly."""
     from specctl.store import Client
-    from tests.integration.test_serve_target_store import producer, running_store
+    from tests.integration.test_serve_target_store import running_store
 
     with running_store(tmp_path / "state", "--capacity", "64MiB") as store:
-        proc = producer(
-            store, "--model", str(tiny), "--data", "chatterbot:1,self:1", "--epochs", "0",
-            "--temperature", "1.0", "--max-new-tokens", "4", "--set", "lease_size=2",
-        )  # fmt: skip
+        proc = _endless_producer(store, tiny, lease_size=2)
         try:
             with Client.connect(store, role="trainer") as trainer:
                 got = []
@@ -117,13 +124,10 @@ def test_endless_producer_waiting_for_room_stops_when_the_trainer_leaves(
     """A full store and no trainer left: the producer blocked on back-pressure gives up
     (`Client.wait_for_room`'s give_up) instead of waiting for room forever."""
     from specctl.store import Client
-    from tests.integration.test_serve_target_store import producer, running_store, stats
+    from tests.integration.test_serve_target_store import running_store, stats
 
     with running_store(tmp_path / "state", "--capacity", "16MiB") as store:
-        proc = producer(
-            store, "--model", str(tiny), "--data", "chatterbot:1,self:1", "--epochs", "0",
-            "--temperature", "1.0", "--max-new-tokens", "4", "--set", "lease_size=16",
-        )  # fmt: skip
+        proc = _endless_producer(store, tiny, lease_size=16)
         try:
             with Client.connect(store, role="trainer") as trainer:
                 assert trainer.next_record(timeout_s=60) is not None  # joined; acks nothing
