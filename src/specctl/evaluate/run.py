@@ -18,7 +18,7 @@ from specctl.console import Progress, log
 from specctl.errors import InputError, SpecctlError, UsageError
 from specctl.evaluate import metrics, report
 from specctl.evaluate.specdec import CostModel, DecodeResult, speculative_decode, target_decode
-from specctl.evaluate.tree import tree_decode
+from specctl.evaluate.tree import Eagle3TreeDrafter, tree_decode
 from specctl.evaluate.verifier import Verifier
 from specctl.skinny import ALL_ROWS, set_default_rows, skinny_rows
 
@@ -193,7 +193,7 @@ def _decoder(cfg: EvalConfig, verifier: Verifier, drafters: dict[str, Any], eos:
     shapes = tuple(cfg.verify_shapes) if cfg.verify_shapes else None  # None: the verifier's
 
     def decode(name: str, ids: torch.Tensor, max_new: int) -> DecodeResult:
-        if name.startswith("eagle3-tree"):  # the tree, alone or with lookup grafted on
+        if isinstance(drafters.get(name), Eagle3TreeDrafter):  # alone or with lookup grafted on
             return tree_decode(
                 verifier,
                 drafters[name],

@@ -87,16 +87,17 @@ def build_drafters(cfg: EvalConfig, target: Any, model_path: Path) -> dict[str, 
     if cfg.prompt_lookup:
         out["prompt-lookup"] = PromptLookupDrafter()
     if cfg.hybrid and chain is not None:
-        hybrid = HybridDrafter(
-            PromptLookupDrafter(min_ngram=cfg.hybrid_min_ngram, learn_confidence=True), chain()
+        # a fresh lookup per row: each learns its confidence from its own rounds
+        lookup = functools.partial(
+            PromptLookupDrafter, min_ngram=cfg.hybrid_min_ngram, learn_confidence=True
         )
+        hybrid = HybridDrafter(lookup(), chain())
         out[hybrid.name] = hybrid
         if cfg.tree:
             from specctl.evaluate.tree import Eagle3TreeLookupDrafter
 
-            lookup = PromptLookupDrafter(min_ngram=cfg.hybrid_min_ngram, learn_confidence=True)
             out[Eagle3TreeLookupDrafter.name] = Eagle3TreeLookupDrafter(
-                draft, aux, lookup, cfg.tree_topk, cfg.tree_budget
+                draft, aux, lookup(), cfg.tree_topk, cfg.tree_budget
             )
     return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,10 +180,19 @@ class Eagle3TreeDrafter(Eagle3Drafter):
     def _best(self, score: list[float], dep: list[int], drafted: int) -> list[int]:
         """The nodes to keep, best first (highest cumulative log-prob, shallower on ties): the
         `budget` best without a cost model, else the prefix of them with the best rate."""
-        ranked = sorted(range(len(score)), key=lambda i: (-score[i], dep[i]))[: self.budget]
+        ranked = self._ranked(score, dep, range(len(score)))
+        return self._cut(ranked, [math.exp(score[i]) for i in ranked], drafted)
+
+    def _ranked(self, key: list[float], dep: list[int], nodes: Iterable[int]) -> list[int]:
+        """The `budget` best of `nodes` by `key` (cumulative log-prob or chance: the same
+        order), shallower first on ties, so a parent always ranks before its children."""
+        return sorted(nodes, key=lambda i: (-key[i], dep[i]))[: self.budget]
+
+    def _cut(self, ranked: list[int], chance: list[float], drafted: int) -> list[int]:
+        """All of `ranked` without a cost model, else the prefix with the best rate."""
         if self.cost is None:
             return ranked
-        return ranked[: self.cost.best_length([math.exp(score[i]) for i in ranked], drafted)]
+        return ranked[: self.cost.best_length(chance, drafted)]
 
 
 class Eagle3TreeLookupDrafter(Eagle3TreeDrafter):
@@ -225,9 +235,8 @@ class Eagle3TreeLookupDrafter(Eagle3TreeDrafter):
         found = self.lookup.propose(depth, 0.0, None)
         if not found.tokens.numel():
             return grown.tree(grown.best)
-        # rank the draft's nodes as `_best` does, before the cost cut (the union is cut below)
-        ranked = sorted(range(len(grown.tok)), key=lambda i: (-grown.prob[i], grown.dep[i]))
-        cands = set(ranked[: self.budget])
+        # the draft's best before the cost cut: the union is cut below
+        cands = set(self._ranked(grown.prob, grown.dep, range(len(grown.tok))))
         conf = found.conf or [0.5] * found.tokens.numel()  # nothing learned: the prior
         node, reach = -1, 1.0  # reach: the chance of getting to `node`
         for tok, c in zip(found.tokens.tolist(), conf, strict=True):
@@ -246,10 +255,8 @@ class Eagle3TreeLookupDrafter(Eagle3TreeDrafter):
             cands.add(node)
         # parents never rank below their children (cumulative chances), so every prefix of
         # this order is a tree
-        keep = sorted(cands, key=lambda i: (-grown.prob[i], grown.dep[i]))[: self.budget]
-        if self.cost is not None:
-            keep = keep[: self.cost.best_length([grown.prob[i] for i in keep], grown.steps)]
-        return grown.tree(keep)
+        keep = self._ranked(grown.prob, grown.dep, cands)
+        return grown.tree(self._cut(keep, [grown.prob[i] for i in keep], grown.steps))
 
 
 def tree_decode(
