@@ -10,6 +10,7 @@ import pytest
 
 from specctl.errors import RecordError, StoreError, StoreUnavailable
 from specctl.store import Client
+from specctl.store import control as keys
 from tests.conftest import run_cli
 from tests.integration.store_worker import check_record, make_record, running_store, tokens
 
@@ -127,4 +128,48 @@ def test_shared_memory_and_tcp_clients_share_one_segment(
         s = prod.stats()
         assert (s["inflight_bytes"], s["inflight_records"], s["acks"]) == (0, 0, 7)
         for c in (prod, cons):
+            c.close()
+
+
+def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
+    tmp_path: Path,
+) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")
+        first = Client.connect(st["address"], role="trainer")
+        second = Client.connect(st["address"], role="trainer")
+        prod.run_meta("num_prompts", str(PROMPTS))
+        lease = prod.lease_prompts(6, limit=PROMPTS)
+        assert lease is not None
+        for seq in lease.seqs:
+            assert put(prod, seq) is not None
+            lease.done(seq)
+        # 1. one call fetches a batch (one Mooncake round trip) but hands out one record
+        one = first.next_record(timeout_s=10)
+        assert one is not None and len(first._ahead) == first.read_ahead - 1
+        assert prod.stats()["queued"] == 6 - first.read_ahead
+        first.ack([one])
+        # 2. closing hands the unclaimed ones back: another consumer gets all the others
+        first.close()
+        rest = drain(second, 5)
+        assert sorted(map(sid_seq, rest)) == sorted(set(range(6)) - {sid_seq(one)})
+        for g in rest:
+            check_record(g.record, sid_seq(g))
+        second.ack(rest)
+        assert second.next_record(timeout_s=0.3) is None
+        # 3. a twin descriptor (the reaper's, for a producer killed while publishing) in the
+        #    same batch: the record arrives intact once, the twin is dropped, counts exact
+        lease = prod.lease_prompts(1, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [6]
+        desc = put(prod, 6)
+        assert desc is not None
+        prod.ctl.push(keys.RECORDS, desc.to_json())
+        got = second.next_record(timeout_s=10)
+        assert got is not None and sid_seq(got) == 6
+        check_record(got.record, 6)
+        second.ack([got])
+        assert second.next_record(timeout_s=0.3) is None
+        s = second.stats()
+        assert (s["inflight_records"], s["gets"], s["acks"], s["repeats"]) == (0, 7, 7, 1)
+        for c in (prod, second):
             c.close()

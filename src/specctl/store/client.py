@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ from specctl.store.objects import NOT_FOUND, TRANSIENT, Objects, describe
 from specctl.store.slots import Slot, Slots
 
 ROLES = ("producer", "trainer", "admin")
+READ_AHEAD = 4  # records a consumer fetches in one Mooncake call when that many are queued
 _ids = itertools.count()
 
 
@@ -75,6 +77,8 @@ class Client:
         self.leases = LeaseBook(ctl, self.id)
         self.slots = Slots(objects)
         self._send: Slot | None = None
+        self.read_ahead = READ_AHEAD
+        self._ahead: deque[Received] = deque()  # fetched and checked, not yet claimed
         self._num_prompts: int | None = None
         self._stop = threading.Event()
         self._beat = threading.Thread(
@@ -282,67 +286,98 @@ class Client:
     def next_record(self, timeout_s: float | None = None) -> Received | None:
         """The next published record, checked (CRC, descriptor); None after timeout_s.
 
-        A corrupt or vanished record is logged, removed and its sample handed back to the
-        producers; the next one is tried.
+        When several descriptors are queued, up to `read_ahead` records are fetched in one
+        Mooncake call (one holder round trip instead of one each) and handed out by the
+        following calls; each is claimed only when handed out, and `close` queues the
+        rest again. A corrupt or vanished record is logged, removed and its sample handed
+        back to the producers; the next one is tried.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            while self._ahead:
+                got = self._claim(self._ahead.popleft())
+                if got is not None:
+                    return got
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             item = self.ctl.pop_wait(keys.RECORDS, left)
             if item is None:
                 return None
-            got = self._fetch(item)
-            if got is not None:
-                return got
+            items = [item]
+            while len(items) < self.read_ahead and (more := self.ctl.pop(keys.RECORDS)):
+                items.append(more)
+            self._ahead.extend(self._fetch(items))
 
-    def _fetch(self, item: str) -> Received | None:
-        """Get, check and claim one published record; None if it was dropped."""
+    def _fetch(self, items: list[str]) -> list[Received]:
+        """Get and check published records (one batched get); those dropped are left out."""
         from specctl.pack import unpack_record
 
+        descs = []
+        for item in items:
+            try:
+                desc = Descriptor.from_json(item)
+            except RecordError as e:
+                log(f"[store] dropping a bad descriptor: {e}")
+                self.ctl.count("corrupt", 1)
+                continue
+            # a stale descriptor (another run). A repeat of a delivered sample (a producer
+            # presumed dead published it too) loses the delivery claim in `_claim`:
+            # checking for it here as well would cost every record a round trip
+            if desc.run != self.run:
+                self._drop_repeat(desc)
+                continue
+            descs.append(desc)
+        slots = [self.slots.take(d.nbytes) for d in descs]
         try:
-            desc = Descriptor.from_json(item)
-        except RecordError as e:
-            log(f"[store] dropping a bad descriptor: {e}")
-            self.ctl.count("corrupt", 1)
-            return None
-        sid = (desc.epoch, desc.index)
-        # 1. a stale descriptor (another run). A repeat of a delivered sample (a producer
-        #    presumed dead published it too) loses the delivery claim in step 3: checking
-        #    for it here as well would cost every record a round trip to spare a rare fetch
-        if desc.run != self.run:
-            self._drop_repeat(desc)
-            return None
-        # 2. fetch into a registered slot and check it
-        slot = self.slots.take(desc.nbytes)
-        n = self.objects.get_into(desc.key, slot.ptr, slot.nbytes)
-        try:
-            if n == NOT_FOUND or n in TRANSIENT:
-                raise RecordError(f"object {desc.key} is missing or unreadable: {describe(n)}")
-            if n < 0:
-                raise StoreError(f"get {desc.key!r}: {describe(n)}")
-            record = unpack_record(slot.tensor[:n], verify=True)
-            desc.check_matches(record.header)
-        except RecordError as e:
-            self.slots.give(slot)
-            delivered = self.ctl.get(keys.got(*sid))
-            if delivered is not None:  # its twin was delivered and acked
-                self._drop_repeat(desc, delivered)
-            else:
-                log(f"[store] bad record {desc.key}: {e}; sample {sid} goes back to producers")
-                self._hand_back(desc)
-            return None
+            sizes = self.objects.get_many(
+                [d.key for d in descs], [s.ptr for s in slots], [s.nbytes for s in slots]
+            )
         except BaseException:
-            self.slots.give(slot)
+            for slot in slots:
+                self.slots.give(slot)
             raise
-        # 3. claim the delivery: exactly one consumer is handed each sample
+        out: list[Received] = []
+        for i, (desc, slot, n) in enumerate(zip(descs, slots, sizes, strict=True)):
+            try:
+                if n == NOT_FOUND or n in TRANSIENT:
+                    raise RecordError(f"object {desc.key} is missing or unreadable: {describe(n)}")
+                if n < 0:
+                    raise StoreError(f"get {desc.key!r}: {describe(n)}")
+                record = unpack_record(slot.tensor[:n], verify=True)
+                desc.check_matches(record.header)
+            except RecordError as e:
+                self.slots.give(slot)
+                self._reject(desc, e)
+                continue
+            except BaseException:
+                for later in slots[i:]:
+                    self.slots.give(later)
+                for got in out:
+                    self.release(got)
+                raise
+            out.append(Received(desc, record, slot))
+        return out
+
+    def _reject(self, desc: Descriptor, why: RecordError) -> None:
+        """A record that failed its checks: drop it, or hand its sample back to producers."""
+        sid = (desc.epoch, desc.index)
+        delivered = self.ctl.get(keys.got(*sid))
+        if delivered is not None:  # its twin was delivered and acked
+            self._drop_repeat(desc, delivered)
+        else:
+            log(f"[store] bad record {desc.key}: {why}; sample {sid} goes back to producers")
+            self._hand_back(desc)
+
+    def _claim(self, got: Received) -> Received | None:
+        """Claim the delivery: exactly one consumer is handed each sample."""
+        desc = got.descriptor
         token = f"{desc.put}>{self.id}/{next(_ids)}"
-        delivered = self.ctl.claim(keys.got(*sid), token)
+        delivered = self.ctl.claim(keys.got(desc.epoch, desc.index), token)
         if delivered != token:
-            self.slots.give(slot)
+            self.release(got)
             self._drop_repeat(desc, delivered)
             return None
         self.ctl.count("gets", 1)
-        return Received(desc, record, slot)
+        return got
 
     def _drop_repeat(self, desc: Descriptor, delivered: str | None = None) -> None:
         """Drop a stale descriptor or a repeat of a delivered sample (`delivered`: its
@@ -388,6 +423,13 @@ class Client:
             self.slots.give(got.slot)
             got.slot = None
 
+    def _unfetch(self) -> None:
+        """Queue again the records fetched ahead and never handed out (still unclaimed)."""
+        while self._ahead:
+            got = self._ahead.popleft()
+            self.ctl.push(keys.RECORDS, got.descriptor.to_json())
+            self.release(got)
+
     def requeue_untrained(self, trained: set[tuple[int, int]]) -> int:
         """Trainer resume: every seq below the cursor not in `trained` goes back to the pool.
 
@@ -395,6 +437,8 @@ class Client:
         producers resume: a record being put during the call may be delivered twice.
         """
         self.ctl.pop_all(keys.RECORDS)
+        while self._ahead:
+            self.release(self._ahead.popleft())
         self.objects.remove_prefix(f"{self.run}/")
         counts = self.ctl.counters(member=True)
         self._drain(counts["inflight_bytes"], counts["inflight_records"])
@@ -435,6 +479,7 @@ class Client:
             return
         try:
             self.leases.release_all()
+            self._unfetch()
             self.ctl.set(keys.left(self.id), "1")
         except StoreUnavailable:
             pass  # the store is gone: nothing to hand back to
