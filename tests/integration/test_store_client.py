@@ -171,5 +171,15 @@ def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
         assert second.next_record(timeout_s=0.3) is None
         s = second.stats()
         assert (s["inflight_records"], s["gets"], s["acks"], s["repeats"]) == (0, 7, 7, 1)
+        # 4. a corrupt record with a twin: its sample goes back to the producers once
+        lease = prod.lease_prompts(1, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [7]
+        desc = put(prod, 7, corrupt=True)
+        assert desc is not None
+        prod.ctl.push(keys.RECORDS, desc.to_json())
+        assert second.next_record(timeout_s=0.5) is None
+        s = second.stats()
+        assert (s["inflight_records"], s["inflight_bytes"]) == (0, 0), s
+        assert (s["corrupt"], s["requeued"], s["repeats"], s["returned"]) == (1, 1, 2, 1), s
         for c in (prod, second):
             c.close()

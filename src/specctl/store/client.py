@@ -397,6 +397,13 @@ class Client:
         self.ctl.count("drained_records", records)
 
     def _hand_back(self, desc: Descriptor) -> None:
+        """A bad record's sample goes back to the producers, once per put: its twin
+        descriptor (same put) fails its checks too, and must not drain the put again."""
+        token = f"{self.id}/{next(_ids)}"
+        if self.ctl.claim(keys.back(desc.put), token) != token:
+            log(f"[store] dropping a twin of the handed-back record {desc.key}")
+            self.ctl.count("repeats", 1)
+            return
         seq = self._seq(desc.epoch, desc.index)
         self._discard(desc)
         self.ctl.delete(keys.pub(desc.epoch, desc.index))

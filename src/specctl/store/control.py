@@ -13,6 +13,7 @@ client of it. The keys (all under one store, one run per store):
 | `q/returned`           | queue   | seqs handed back (dead producer, corrupt record, resume); leased first |
 | `pub/<epoch>/<index>`  | value   | publication claim: `<client>/<n>` of the owning put, `!` once pushed |
 | `got/<epoch>/<index>`  | value   | delivery claim: the consumer that was handed this sample |
+| `back/<put>`           | value   | hand-back claim: the consumer that handed back this put's bad record |
 | `lease/<client>`       | value   | JSON list of the seqs a producer holds and has not finished |
 | `acct/<client>`        | value   | a producer's ledger: its put totals and the put in progress (ledger.py) |
 | `clients`              | append  | `role|id;` for every client that ever connected |
@@ -71,6 +72,10 @@ def pub(epoch: int, index: int) -> str:
 
 def got(epoch: int, index: int) -> str:
     return f"got/{epoch}/{index}"
+
+
+def back(put: str) -> str:
+    return f"back/{put}"
 
 
 def acct(client_id: str) -> str:
