@@ -13,8 +13,10 @@ trainer takes all n (rows are timed put phase + get phase, run interleaved, medi
   -> `put(key, bytes)`; `get(key) -> bytes` -> tensors (a copy), `batch_remove(force)`;
 - raw zero-copy: tensors copied into a registered buffer -> `put_from`; `get_into` a
   registered buffer -> tensor views, `batch_remove(force)` (no control plane, no checks);
-- specctl: `pack_record` (native gather + CRC32C) into `Client.buffer` -> `put_record`;
-  `next_record` (get, CRC check, views) -> `ack`: control plane, pinning, exactly-once.
+- specctl: `pack_record` (native gather + CRC32C) into `Client.buffer` ->
+  `put_record_async` (as serve-target: the store copies record i while i + 1 is packed);
+  `next_record` (batched get, CRC check, views) -> `ack`: control plane, pinning,
+  exactly-once.
 
 Consumers free in groups of GROUP records (a trainer acks a batch after its optimizer
 step). Both raw rows use one pair of plain Mooncake clients (`setup`, segment-less, TCP:
@@ -23,7 +25,8 @@ specctl clients;
 specctl's clients take its same-host shared-memory path (`SPECCTL_STORE_SHM=0`: TCP too).
 Ratios are within the run; absolute rates depend on the (shared) machine.
 `--profile` adds a specctl pass that times every control-plane round trip, Mooncake call,
-pack and unpack, and prints where a record's time goes.
+pack and unpack, and prints where a record's time goes (put-thread rows overlap the others;
+"other" is the wall time no row of the calling threads covers).
 
     .venv/bin/python bench/bench_transport.py [--quick] [--profile] [--reps N]
 """
@@ -36,6 +39,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -179,15 +183,18 @@ def _specctl(
     T, H = s["last"].shape
     nb = record_nbytes(T, H, K, torch.bfloat16)
     t0 = time.perf_counter()
-    for i in range(n):
+    puts = []
+    for i in range(n):  # as serve-target: record i + 1 is packed while the store copies i
         tp = time.perf_counter()
         rec = pack_record(epoch=0, index=base + i, input_ids=s["input_ids"],
                           loss_mask=s["loss_mask"], aux_hidden=s["aux"], last_hidden=s["last"],
                           out=prod.buffer(nb))  # fmt: skip
         if pack_s is not None:
             pack_s.append(time.perf_counter() - tp)
-        assert prod.put_record(rec, epoch=0, index=base + i, T=T) is not None
+        puts.append(prod.put_record_async(rec, epoch=0, index=base + i, T=T))
+    prod.flush()
     t1 = time.perf_counter()
+    assert all(p.result() is not None for p in puts)
     held = []
     for i in range(n):  # a trainer holds a batch of records until its optimizer step
         got = cons.next_record(timeout_s=30)
@@ -202,8 +209,12 @@ def _specctl(
 # ---------------------------------------------------------------------------- profile
 
 
+PUT_THREAD = " [put thread]"  # ops of the client's put thread overlap the caller's
+
+
 class _Timed:
-    """Proxy that times every method call of `target` into `book[prefix + name]`."""
+    """Proxy that times every method call of `target` into `book[prefix + name]` (with
+    PUT_THREAD appended for calls made on the client's put thread)."""
 
     def __init__(self, target: Any, prefix: str, book: dict[str, list[float]]) -> None:
         self._target, self._prefix, self._book = target, prefix, book
@@ -218,7 +229,10 @@ class _Timed:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._book[self._prefix + name].append(time.perf_counter() - t0)
+                where = (
+                    PUT_THREAD if threading.current_thread().name.startswith("specctl-put") else ""
+                )
+                self._book[self._prefix + name + where].append(time.perf_counter() - t0)
 
         return call
 
@@ -229,6 +243,8 @@ def _profile(prod: Client, cons: Client, s: Sample, n: int, base: int) -> list[d
 
     book: dict[str, list[float]] = defaultdict(list)
     saved = [(c, c.ctl.store, c.objects._store) for c in (prod, cons)]
+    put_ctl = prod._put_ctl  # the put thread's control-plane connection (made by _measure)
+    assert put_ctl is not None
     unpack = pack.unpack_record
 
     def timed_unpack(*a: Any, **kw: Any) -> Any:
@@ -242,19 +258,22 @@ def _profile(prod: Client, cons: Client, s: Sample, n: int, base: int) -> list[d
         side = "producer" if c is prod else "trainer"
         c.ctl.store = _Timed(ctl_store, f"{side} tcpstore.", book)
         c.objects._store = _Timed(mc_store, f"{side} mooncake.", book)
+    put_store = put_ctl.store
+    put_ctl.store = _Timed(put_store, "producer tcpstore.", book)
     pack.unpack_record = timed_unpack
     try:
         put_s, get_s = _specctl(prod, cons, s, n, base, book["producer pack+crc"])
     finally:
         pack.unpack_record = unpack
+        put_ctl.store = put_store
         for c, ctl_store, mc_store in saved:
             c.ctl.store, c.objects._store = ctl_store, mc_store
     total = put_s + get_s
     rows = [{"op": op, "calls_per_record": round(len(ts) / n, 2),
              "us_per_record": round(sum(ts) / n * 1e6, 1),
              "share": round(sum(ts) / total, 3)} for op, ts in sorted(book.items())]  # fmt: skip
-    timed = sum(sum(ts) for ts in book.values())
-    rows.append({"op": "other (python, polling)", "calls_per_record": 0,
+    timed = sum(sum(ts) for op, ts in book.items() if not op.endswith(PUT_THREAD))
+    rows.append({"op": "other (python, polling, waiting for the put thread)", "calls_per_record": 0,
                  "us_per_record": round((total - timed) / n * 1e6, 1),
                  "share": round((total - timed) / total, 3)})  # fmt: skip
     return rows
@@ -361,10 +380,10 @@ def _print(rows: list[dict], profile: list[dict]) -> None:
     for p in profile:
         if p["H"] != last:
             print(f"\nspecctl profile, H={p['H']} T={p['T']} (per record)")
-            print(f"  {'operation':<36} {'calls':>6} {'us':>9} {'share':>6}")
+            print(f"  {'operation':<50} {'calls':>6} {'us':>9} {'share':>6}")
             last = p["H"]
         print(
-            f"  {p['op']:<36} {p['calls_per_record']:>6} {p['us_per_record']:>9} {p['share']:>6.1%}"
+            f"  {p['op']:<50} {p['calls_per_record']:>6} {p['us_per_record']:>9} {p['share']:>6.1%}"
         )
 
 

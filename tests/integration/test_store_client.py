@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,43 @@ def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
         assert (s["corrupt"], s["requeued"], s["repeats"], s["returned"]) == (1, 1, 2, 1), s
         for c in (prod, second):
             c.close()
+
+
+def test_async_puts_pack_beside_the_copy_and_publish_every_record(tmp_path: Path) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")
+        cons = Client.connect(st["address"], role="trainer")
+        prod.run_meta("num_prompts", str(PROMPTS))
+        lease = prod.lease_prompts(5, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [0, 1, 2, 3, 4]
+        seqs = sorted(lease.seqs, key=tokens)  # growing sizes: the buffers grow on the way
+        # 1. each record is packed into the buffer the put in flight is not copying from
+        puts, ptrs = [], []
+        for seq in seqs:
+            rec, epoch, index, T = make_record(prod, seq, PROMPTS)
+            ptrs.append(rec.data_ptr())
+            puts.append(prod.put_record_async(rec, epoch=epoch, index=index, T=T))
+        assert all(a != b for a, b in pairwise(ptrs)), ptrs
+        prod.flush()
+        assert all(p.done() and p.result() is not None for p in puts)
+        for seq in seqs:
+            lease.done(seq)
+        # 2. a sample already published: a finished future holding None
+        rec, epoch, index, T = make_record(prod, seqs[0], PROMPTS)
+        again = prod.put_record_async(rec, epoch=epoch, index=index, T=T)
+        assert again.done() and again.result() is None
+        # 3. close() publishes the put still in flight before it leaves
+        lease = prod.lease_prompts(1, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [5]
+        rec, epoch, index, T = make_record(prod, 5, PROMPTS)
+        last = prod.put_record_async(rec, epoch=epoch, index=index, T=T)
+        prod.close()
+        assert last.result() is not None
+        got = drain(cons, 6)
+        assert sorted(map(sid_seq, got)) == [0, 1, 2, 3, 4, 5]
+        for g in got:
+            check_record(g.record, sid_seq(g))
+        cons.ack(got)
+        s = cons.stats()
+        assert (s["inflight_records"], s["inflight_bytes"], s["acks"]) == (0, 0, 6)
+        cons.close()

@@ -1,7 +1,10 @@
 """`specctl.store.Client`: what producers and trainers call (docs/architecture.md).
 
-Producer: `lease_prompts` -> pack into `buffer(nbytes)` -> `put_record` -> `lease.done`.
-Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, ...])`.
+Producer: `lease_prompts` -> pack into `buffer(nbytes)` -> `put_record` -> `lease.done`;
+or `put_record_async`, whose copy and publication run on the client's put thread while the
+next record is packed into the other of two buffers (one put in flight at a time).
+Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, ...])`;
+queued records are fetched up to `read_ahead` at a time in one batched get.
 
 Records live in receive slots: registered buffers filled by Mooncake `get_into`; a
 `Received.record` stays valid until it is acked (or `release()`d), after which its slot is
@@ -23,7 +26,7 @@ before building any client, so a dead store fails within `timeout_s` instead of 
 ~90 s `setup()` hang; a store that dies later surfaces as StoreUnavailable. The mapping
 from seq to sample id needs the run's prompt count: producers set
 `run_meta("num_prompts", ...)` before leasing. A Client is not thread-safe (one per
-thread); its heartbeat thread uses its own control-plane connection.
+thread); its heartbeat and put threads use their own control-plane connections.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +57,17 @@ from specctl.store.slots import Slot, Slots
 ROLES = ("producer", "trainer", "admin")
 READ_AHEAD = 4  # records a consumer fetches in one Mooncake call when that many are queued
 _ids = itertools.count()
+
+
+@dataclass
+class _Put:
+    """A claimed, counted put: what its copy and publication need."""
+
+    desc: Descriptor
+    text: str  # desc as JSON, as pushed and as kept in the ledger
+    slot: Slot | None  # the send buffer it is copied from
+    ptr: int
+    nbytes: int
 
 
 @dataclass
@@ -76,7 +92,11 @@ class Client:
         self.id = f"{self.producer}:{next(_ids)}"
         self.leases = LeaseBook(ctl, self.id)
         self.slots = Slots(objects)
-        self._send: Slot | None = None
+        self._sends: list[Slot | None] = [None, None]  # pack buffers (see `buffer`)
+        self._busy: Slot | None = None  # the one a put in flight copies from
+        self._inflight: Future[Descriptor | None] | None = None
+        self._putter: ThreadPoolExecutor | None = None
+        self._put_ctl: Control | None = None
         self.read_ahead = READ_AHEAD
         self._ahead: deque[Received] = deque()  # fetched and checked, not yet claimed
         self._num_prompts: int | None = None
@@ -160,12 +180,19 @@ class Client:
         return Lease(self.leases, seqs) if seqs else None
 
     def buffer(self, nbytes: int) -> Any:
-        """A registered uint8 tensor of nbytes to pack into; reused (grown) across calls."""
-        if self._send is None or self._send.nbytes < nbytes:
-            if self._send is not None:
-                self.slots.drop(self._send)
-            self._send = self.slots.new(nbytes)
-        return self._send.tensor[:nbytes]
+        """A registered uint8 tensor of nbytes to pack into, reused (grown) across calls.
+
+        Two buffers take turns: while `put_record_async` copies from one, the other is
+        handed out, so the next record is packed during the copy.
+        """
+        i = 1 if self._busy is not None and self._busy is self._sends[0] else 0
+        slot = self._sends[i]
+        if slot is None or slot.nbytes < nbytes:
+            self.flush()  # a new buffer is a Mooncake call: none beside a put in flight
+            if slot is not None:
+                self.slots.drop(slot)
+            slot = self._sends[i] = self.slots.new(nbytes)
+        return slot.tensor[:nbytes]
 
     def put_record(self, buf: Any, *, epoch: int, index: int, T: int) -> Descriptor | None:
         """Put one packed record (hard-pinned) and publish its descriptor.
@@ -173,6 +200,43 @@ class Client:
         Returns None when this sample was already published by another producer (a lease
         re-issued from a producer presumed dead); the caller just marks the seq done.
         """
+        self.flush()
+        put = self._claim_put(buf, epoch, index, T)
+        return None if put is None else self._copy_and_publish(put, self.ctl)
+
+    def put_record_async(
+        self, buf: Any, *, epoch: int, index: int, T: int
+    ) -> Future[Descriptor | None]:
+        """`put_record` whose copy and publication run on this client's put thread.
+
+        The claim and the in-flight count (back-pressure) happen here; the returned future
+        holds the descriptor (None: published by another producer) or the put's error.
+        One put is in flight at a time: this call first waits for the previous one. Mark
+        the seq done only once its future is done, so a crash hands it back.
+        """
+        self.flush()
+        put = self._claim_put(buf, epoch, index, T)
+        if put is None:
+            lost: Future[Descriptor | None] = Future()
+            lost.set_result(None)
+            return lost
+        if self._putter is None:
+            self._putter = ThreadPoolExecutor(1, thread_name_prefix="specctl-put")
+            self._put_ctl = self.ctl.clone()  # a TCPStore client is not shared by threads
+        assert self._put_ctl is not None
+        self._busy = put.slot
+        self._inflight = self._putter.submit(self._copy_and_publish, put, self._put_ctl)
+        return self._inflight
+
+    def flush(self) -> None:
+        """Wait until the put in flight (`put_record_async`) is published or failed; its
+        future holds which."""
+        if self._inflight is not None:
+            futures.wait([self._inflight])
+            self._inflight, self._busy = None, None
+
+    def _claim_put(self, buf: Any, epoch: int, index: int, T: int) -> _Put | None:
+        """Check the header, claim the publication, count the put in our ledger."""
         # 1. read the header the packer wrote; it must be the sample we were told
         header = parse_header(memoryview(buf.numpy()))
         if (header.epoch, header.index, header.T) != (epoch, index, T):
@@ -191,44 +255,44 @@ class Client:
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
         desc = Descriptor.for_header(header, run=self.run, producer=self.producer, put=token)
-        # 3. count the put in our ledger (waiting while in-flight bytes are too high), then
-        #    put from a registered buffer
-        ptr = self._registered_ptr(buf, nbytes)
-        text = desc.to_json()
-        self._reserve(text, nbytes)
+        # 3. count the put in our ledger, waiting while in-flight bytes are too high
+        slot = self._registered(buf, nbytes)
+        put = _Put(desc, desc.to_json(), slot, int(buf.data_ptr()), nbytes)
+        if slot is None:  # not our buffer: stage it through a registered one (one more copy)
+            staged = self.buffer(nbytes)
+            staged.copy_(buf.reshape(-1)[:nbytes])
+            put.slot, put.ptr = self._registered(staged, nbytes), int(staged.data_ptr())
+        self._reserve(put.text, nbytes)
+        return put
+
+    def _copy_and_publish(self, put: _Put, ctl: Control) -> Descriptor:
+        """4. put from the registered buffer; 5. publish, then mark the claim published
+        (the reaper keeps marked claims): a producer dying in between leaves a whole object
+        the reaper publishes for it."""
+        desc, nbytes = put.desc, put.nbytes
+        pub = keys.pub(desc.epoch, desc.index)
         try:
-            waits = self.objects.put(desc.key, ptr, nbytes)
+            waits = self.objects.put(desc.key, put.ptr, nbytes)
         except BaseException:
-            self._write_ledger(self._ledger.undone(nbytes))
-            self.ctl.delete(keys.pub(epoch, index))
+            self._write_ledger(self._ledger.undone(nbytes), ctl)
+            ctl.delete(pub)
             raise
-        # 4. publish, then mark the claim published (the reaper keeps marked claims); a
-        #    producer dying in between leaves a whole object the reaper publishes for it
-        self._write_ledger(self._ledger.written())
-        self.ctl.push(keys.RECORDS, text)
+        self._write_ledger(self._ledger.written(), ctl)
+        ctl.push(keys.RECORDS, put.text)
         self._ledger = self._ledger.published()
-        self.ctl.set_many(
-            {
-                keys.pub(epoch, index): token + keys.PUBLISHED,
-                keys.acct(self.id): self._ledger.dumps(),
-            }
-        )
+        ctl.set_many({pub: desc.put + keys.PUBLISHED, keys.acct(self.id): self._ledger.dumps()})
         if waits:
-            self.ctl.count("waits", waits)
+            ctl.count("waits", waits)
         return desc
 
-    def _write_ledger(self, ledger: Ledger) -> None:
-        self.ctl.set(keys.acct(self.id), ledger.dumps())
+    def _write_ledger(self, ledger: Ledger, ctl: Control | None = None) -> None:
+        (ctl or self.ctl).set(keys.acct(self.id), ledger.dumps())
         self._ledger = ledger
 
-    def _registered_ptr(self, buf: Any, nbytes: int) -> int:
+    def _registered(self, buf: Any, nbytes: int) -> Slot | None:
+        """The send buffer holding buf's nbytes, if it is one of ours."""
         ptr = int(buf.data_ptr())
-        if self._send is not None and self._send.contains(ptr, nbytes):
-            return ptr
-        # Not our buffer: stage it through the registered one (one extra copy).
-        staged = self.buffer(nbytes)
-        staged.copy_(buf.reshape(-1)[:nbytes])
-        return int(staged.data_ptr())
+        return next((s for s in self._sends if s is not None and s.contains(ptr, nbytes)), None)
 
     def _reserve(self, desc: str, nbytes: int) -> None:
         """Count the put in our ledger, then read what is in flight: above the high
@@ -484,6 +548,9 @@ class Client:
         """Hand back unfinished leases, stop heartbeats, free buffers, disconnect."""
         if self._stop.is_set():
             return
+        self.flush()
+        if self._putter is not None:
+            self._putter.shutdown()
         try:
             self.leases.release_all()
             self._unfetch()

@@ -23,6 +23,7 @@ is left behind.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,10 +236,39 @@ def _loop(
     if not isinstance(space, PromptSpace):
         space = PromptSpace.from_prompts(space, num_prompts - len(space))
     dedup = getattr(sink, "dedup", None) or Dedup()
+    pending: deque[_Pending] = deque()
     try:
-        _produce(cfg, engine, space, num_prompts, sink, dtype, totals, progress, dedup)
+        _produce(cfg, engine, space, num_prompts, sink, dtype, totals, progress, dedup, pending)
     except RunOver as stop:  # the trainer finished while we waited for room: a clean end
         log(f"stopping: {stop}")
+    sink.flush()
+    _settle(pending, sink, totals)
+
+
+@dataclass
+class _Pending:
+    """A put in flight (the store copies and publishes it while the next record is packed)."""
+
+    future: Any  # its result is truthy when this put published the sample
+    seq: int
+    tokens: int
+    nbytes: int
+    source: str
+
+
+def _settle(pending: deque[_Pending], sink: Any, totals: Totals) -> None:
+    """Count the finished puts, oldest first, and only then mark their seqs done, so a
+    producer that dies before hands them back. A failed put raises its error here."""
+    while pending and pending[0].future.done():
+        p = pending.popleft()
+        if p.future.result():
+            totals.records += 1
+            totals.tokens += p.tokens
+            totals.bytes += p.nbytes
+            totals.sources[p.source] = totals.sources.get(p.source, 0) + 1
+        else:
+            totals.duplicates += 1
+        sink.done(p.seq)
 
 
 def _produce(
@@ -251,6 +281,7 @@ def _produce(
     totals: Totals,
     progress: Progress,
     dedup: Any,
+    pending: deque[_Pending],
 ) -> None:
     from specctl.pack import pack_record, record_nbytes
     from specctl.target.samples import build_samples, deduplicated
@@ -270,7 +301,8 @@ def _produce(
                 totals.duplicates_dropped += 1
                 sink.done(seq)
         seqs, ids, samples = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-        # 3. one capture pass for the lease; 4. pack each into the sink's buffer and publish
+        # 3. one capture pass for the lease; 4. pack each into the sink's buffer and put it
+        #    (the store copies record n while record n + 1 is packed)
         captured = engine.capture(samples) if samples else []
         for seq, (epoch, index), got in zip(seqs, ids, captured, strict=True):
             t = len(got.input_ids)
@@ -286,15 +318,9 @@ def _produce(
                 dtype=dtype,
                 out=sink.buffer(nbytes),
             )
-            if sink.put(buf, epoch, index, t):
-                totals.records += 1
-                totals.tokens += t
-                totals.bytes += nbytes
-                name = space.pick(cfg.seed, epoch, index).source
-                totals.sources[name] = totals.sources.get(name, 0) + 1
-            else:
-                totals.duplicates += 1
-            sink.done(seq)
+            source = space.pick(cfg.seed, epoch, index).source
+            pending.append(_Pending(sink.put(buf, epoch, index, t), seq, t, nbytes, source))
+            _settle(pending, sink, totals)
         el = max(progress.elapsed, 1e-9)
         progress.update(
             leased,

@@ -1,12 +1,14 @@
 """Where packed records go: the store (leases + put) or a folder (`--to-dir`, offline mode).
 
-Both give the producer the same four calls: `lease(n)` -> seqs (None when the run is done),
-`buffer(nbytes)` to pack into, `put(buf, epoch, index, T)` -> published or not, `done(seq)`.
+Both give the producer the same calls: `lease(n)` -> seqs (None when the run is done),
+`buffer(nbytes)` to pack into, `put(buf, epoch, index, T)` -> a future whose result is truthy
+when the put published the sample, `flush()` (wait for puts in flight), `done(seq)`.
 
 Store: seqs are leased from the control plane, so N producers share one prompt space; a
-producer that dies leaves its unfinished seqs to come back (heartbeat TTL). `put_record`
-returns None when another producer already published the sample (a re-issued lease); that
-counts as done, not as an error.
+producer that dies leaves its unfinished seqs to come back (heartbeat TTL). The put
+is `put_record_async`: the store copies and publishes record n while the producer packs
+n + 1. Its result is None when another producer already published the sample (a re-issued
+lease); that counts as done, not as an error.
 A sink also carries the run's `dedup` (store: a run-wide claim on the control plane;
 folder: this producer's set) and, once `lease` returns None, why it stopped (`stopped`).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,6 @@ class StoreSink:
 
         self.client = Client.connect(address, role="producer")
         self.limit = limit
-        self._lease: Any = None
         self.dedup = Dedup(self.client.ctl.claim)
         self.stopped: str | None = None
         self.endless = endless
@@ -73,8 +75,8 @@ class StoreSink:
     def lease(self, n: int) -> list[int] | None:
         if self.run_over(force=True):
             return None
-        self._lease = self.client.lease_prompts(n, limit=self.limit)
-        return None if self._lease is None else list(self._lease.seqs)
+        lease = self.client.lease_prompts(n, limit=self.limit)
+        return None if lease is None else list(lease.seqs)
 
     def run_over(self, force: bool = False) -> bool:
         """Endless runs: the store is shutting down, or every trainer that joined left (for
@@ -106,14 +108,17 @@ class StoreSink:
     def buffer(self, nbytes: int) -> torch.Tensor:
         return self.client.buffer(nbytes)
 
-    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
-        # Wait for room here, giving up when the run is over; put_record then finds room
+    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Future[Any]:
+        # Wait for room here, giving up when the run is over; the put then finds room
         if not self.client.wait_for_room(int(buf.numel()), give_up=self.run_over):
             raise RunOver(self.stopped or "")
-        return self.client.put_record(buf, epoch=epoch, index=index, T=T) is not None
+        return self.client.put_record_async(buf, epoch=epoch, index=index, T=T)
+
+    def flush(self) -> None:
+        self.client.flush()
 
     def done(self, seq: int) -> None:
-        self._lease.done(seq)
+        self.client.leases.finish([seq])  # its lease may be an earlier one (a put in flight)
 
     def inflight_bytes(self) -> int:
         return self.client.inflight_bytes()
@@ -136,6 +141,9 @@ class LocalSink:
         return self._buf[:nbytes]
 
     def done(self, seq: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def inflight_bytes(self) -> int:
@@ -174,9 +182,11 @@ class DirSink(LocalSink):
             self.next_seq += 1
         return seqs or None
 
-    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
+    def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Future[bool]:
         write_atomic(self.path(epoch, index), buf.numpy().data)
-        return True
+        done: Future[bool] = Future()
+        done.set_result(True)
+        return done
 
 
 def _claim_meta(path: Path, meta: dict[str, Any]) -> None:
