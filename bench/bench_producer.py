@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _specctl(engine, prompts, n: int) -> dict:
     from specctl.console import Progress
     from specctl.target.producer import ServeTargetConfig, Totals, _loop
-    from specctl.target.sinks import LocalSink
+    from specctl.target.sinks import LocalSink, finished
 
     class MemorySink(LocalSink):
         """The producer's sink contract, in memory: sequential seqs, records dropped."""
@@ -42,8 +43,8 @@ def _specctl(engine, prompts, n: int) -> dict:
             self.next += len(seqs)
             return seqs or None
 
-        def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> bool:
-            return True
+        def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Any:
+            return finished(True)
 
     cfg = ServeTargetConfig(lease_size=8)
     totals = Totals()

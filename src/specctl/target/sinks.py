@@ -127,6 +127,13 @@ class StoreSink:
         self.client.close()  # unfinished seqs go back to the pool
 
 
+def finished(published: bool) -> Future[bool]:
+    """What a sink that puts synchronously returns from `put`."""
+    done: Future[bool] = Future()
+    done.set_result(published)
+    return done
+
+
 class LocalSink:
     """The parts of a one-producer sink with nothing in flight: a reused pack buffer, no-op acks."""
 
@@ -184,9 +191,7 @@ class DirSink(LocalSink):
 
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Future[bool]:
         write_atomic(self.path(epoch, index), buf.numpy().data)
-        done: Future[bool] = Future()
-        done.set_result(True)
-        return done
+        return finished(True)
 
 
 def _claim_meta(path: Path, meta: dict[str, Any]) -> None:
