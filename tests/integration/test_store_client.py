@@ -145,10 +145,11 @@ def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
         for seq in lease.seqs:
             assert put(prod, seq) is not None
             lease.done(seq)
-        # 1. one call fetches a batch (one Mooncake round trip) but hands out one record
+        # 1. one call fetches a batch (one Mooncake round trip) but hands out one record;
+        #    it takes at most half of what is left queued (5 -> 2)
         one = first.next_record(timeout_s=10)
-        assert one is not None and len(first._ahead) == first.read_ahead - 1
-        assert prod.stats()["queued"] == 6 - first.read_ahead
+        assert one is not None and len(first._ahead) == 2
+        assert prod.stats()["queued"] == 3
         first.ack([one])
         # 2. closing hands the unclaimed ones back: another consumer gets all the others
         first.close()
@@ -224,3 +225,26 @@ def test_async_puts_pack_beside_the_copy_and_publish_every_record(tmp_path: Path
         s = cons.stats()
         assert (s["inflight_records"], s["inflight_bytes"], s["acks"]) == (0, 0, 6)
         cons.close()
+
+
+def test_a_consumer_reading_ahead_leaves_records_for_another_at_the_end(
+    tmp_path: Path,
+) -> None:
+    """Two trainer ranks, three records left: one rank must not hold all of them while
+    the other waits for its micro-batch (the demo's last step once waited --max-wait)."""
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")
+        ranks = [Client.connect(st["address"], role="trainer") for _ in range(2)]
+        prod.run_meta("num_prompts", str(PROMPTS))
+        lease = prod.lease_prompts(3, limit=PROMPTS)
+        assert lease is not None
+        for seq in lease.seqs:
+            assert put(prod, seq) is not None
+            lease.done(seq)
+        got = [ranks[0].next_record(timeout_s=10), ranks[1].next_record(timeout_s=1)]
+        assert all(g is not None for g in got), "the second rank found nothing left"
+        last = ranks[0].next_record(timeout_s=1) or ranks[1].next_record(timeout_s=1)
+        assert last is not None
+        assert sorted(map(sid_seq, [*got, last])) == [0, 1, 2]
+        for c in (prod, *ranks):
+            c.close()

@@ -353,7 +353,9 @@ class Client:
         When several descriptors are queued, up to `read_ahead` records are fetched in one
         Mooncake call (one holder round trip instead of one each) and handed out by the
         following calls; each is claimed only when handed out, and `close` queues the
-        rest again. A corrupt or vanished record is logged, removed and its sample handed
+        rest again. At most half of what is left queued is taken ahead, so at the end of
+        a run another consumer (a trainer rank waiting for its micro-batch) is not left
+        without records while this one holds them. A corrupt or vanished record is logged, removed and its sample handed
         back to the producers; the next one is tried.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -367,7 +369,8 @@ class Client:
             if item is None:
                 return None
             items = [item]
-            while len(items) < self.read_ahead and (more := self.ctl.pop(keys.RECORDS)):
+            extra = min(self.read_ahead - 1, self.ctl.qlen(keys.RECORDS) // 2)
+            while len(items) <= extra and (more := self.ctl.pop(keys.RECORDS)):
                 items.append(more)
             self._ahead.extend(self._fetch(items))
 
