@@ -26,6 +26,16 @@ def put(client: Client, seq: int, corrupt: bool = False):
     return client.put_record(rec, epoch=epoch, index=index, T=T)
 
 
+def publish(client: Client, n: int) -> None:
+    """Set the run's prompt count, then lease and put the next n seqs."""
+    client.run_meta("num_prompts", str(PROMPTS))
+    lease = client.lease_prompts(n, limit=PROMPTS)
+    assert lease is not None and len(lease.seqs) == n
+    for seq in lease.seqs:
+        assert put(client, seq) is not None
+        lease.done(seq)
+
+
 def drain(client: Client, n: int) -> list:
     got = [client.next_record(timeout_s=10) for _ in range(n)]
     assert all(g is not None for g in got)
@@ -139,12 +149,7 @@ def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
         prod = Client.connect(st["address"], role="producer")
         first = Client.connect(st["address"], role="trainer")
         second = Client.connect(st["address"], role="trainer")
-        prod.run_meta("num_prompts", str(PROMPTS))
-        lease = prod.lease_prompts(6, limit=PROMPTS)
-        assert lease is not None
-        for seq in lease.seqs:
-            assert put(prod, seq) is not None
-            lease.done(seq)
+        publish(prod, 6)
         # 1. one call fetches a batch (one Mooncake round trip) but hands out one record;
         #    it takes at most half of what is left queued (5 -> 2)
         one = first.next_record(timeout_s=10)
@@ -235,12 +240,7 @@ def test_a_consumer_reading_ahead_leaves_records_for_another_at_the_end(
     with running_store(tmp_path, "--capacity", "64MiB") as st:
         prod = Client.connect(st["address"], role="producer")
         ranks = [Client.connect(st["address"], role="trainer") for _ in range(2)]
-        prod.run_meta("num_prompts", str(PROMPTS))
-        lease = prod.lease_prompts(3, limit=PROMPTS)
-        assert lease is not None
-        for seq in lease.seqs:
-            assert put(prod, seq) is not None
-            lease.done(seq)
+        publish(prod, 3)
         got = [ranks[0].next_record(timeout_s=10), ranks[1].next_record(timeout_s=1)]
         assert all(g is not None for g in got), "the second rank found nothing left"
         last = ranks[0].next_record(timeout_s=1) or ranks[1].next_record(timeout_s=1)
