@@ -215,20 +215,24 @@ def test_async_puts_pack_beside_the_copy_and_publish_every_record(tmp_path: Path
         rec, epoch, index, T = make_record(prod, seqs[0], PROMPTS)
         again = prod.put_record_async(rec, epoch=epoch, index=index, T=T)
         assert again.done() and again.result() is None
-        # 3. close() publishes the put still in flight before it leaves
-        lease = prod.lease_prompts(1, limit=PROMPTS)
-        assert lease is not None and lease.seqs == [5]
-        rec, epoch, index, T = make_record(prod, 5, PROMPTS)
+        # 3. a record packed outside the client's buffers is staged through one of them
+        lease = prod.lease_prompts(2, limit=PROMPTS)
+        assert lease is not None and lease.seqs == [5, 6]
+        rec, epoch, index, T = make_record(None, 5, PROMPTS)
+        assert prod._registered(rec, rec.numel()) is None
+        assert prod.put_record_async(rec, epoch=epoch, index=index, T=T).result() is not None
+        # 4. close() publishes the put still in flight before it leaves
+        rec, epoch, index, T = make_record(prod, 6, PROMPTS)
         last = prod.put_record_async(rec, epoch=epoch, index=index, T=T)
         prod.close()
         assert last.result() is not None
-        got = drain(cons, 6)
-        assert sorted(map(sid_seq, got)) == [0, 1, 2, 3, 4, 5]
+        got = drain(cons, 7)
+        assert sorted(map(sid_seq, got)) == [0, 1, 2, 3, 4, 5, 6]
         for g in got:
             check_record(g.record, sid_seq(g))
         cons.ack(got)
         s = cons.stats()
-        assert (s["inflight_records"], s["inflight_bytes"], s["acks"]) == (0, 0, 6)
+        assert (s["inflight_records"], s["inflight_bytes"], s["acks"]) == (0, 0, 7)
         cons.close()
 
 

@@ -257,11 +257,11 @@ class Client:
         desc = Descriptor.for_header(header, run=self.run, producer=self.producer, put=token)
         # 3. count the put in our ledger, waiting while in-flight bytes are too high
         slot = self._registered(buf, nbytes)
-        put = _Put(desc, desc.to_json(), slot, int(buf.data_ptr()), nbytes)
         if slot is None:  # not our buffer: stage it through a registered one (one more copy)
             staged = self.buffer(nbytes)
             staged.copy_(buf.reshape(-1)[:nbytes])
-            put.slot, put.ptr = self._registered(staged, nbytes), int(staged.data_ptr())
+            buf, slot = staged, self._registered(staged, nbytes)
+        put = _Put(desc, desc.to_json(), slot, int(buf.data_ptr()), nbytes)
         self._reserve(put.text, nbytes)
         return put
 
@@ -355,8 +355,8 @@ class Client:
         following calls; each is claimed only when handed out, and `close` queues the
         rest again. At most half of what is left queued is taken ahead, so at the end of
         a run another consumer (a trainer rank waiting for its micro-batch) is not left
-        without records while this one holds them. A corrupt or vanished record is logged, removed and its sample handed
-        back to the producers; the next one is tried.
+        without records while this one holds them. A corrupt or vanished record is
+        logged, removed and its sample handed back to the producers; the next one is tried.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
