@@ -13,16 +13,16 @@ trainer takes all n (rows are timed put phase + get phase, run interleaved, medi
   -> `put(key, bytes)`; `get(key) -> bytes` -> tensors (a copy), `batch_remove(force)`;
 - raw zero-copy: tensors copied into a registered buffer -> `put_from`; `get_into` a
   registered buffer -> tensor views, `batch_remove(force)` (no control plane, no checks);
-- specctl: `pack_record` (native gather + CRC32C) into `Client.buffer` ->
-  `put_record_async` (as serve-target: the store copies record i while i + 1 is packed);
-  `next_record` (batched get, CRC check, views) -> `ack`: control plane, pinning,
-  exactly-once.
+- specctl: `pack_record` (native gather + CRC32C) into `Client.buffer(nbytes, sample)`,
+  on this host the sample's object in the mapped segment -> `put_record_async` (publishes);
+  `next_record` (views of queued records in place, CRC check) -> `ack`: control plane,
+  pinning, exactly-once.
 
 Consumers free in groups of GROUP records (a trainer acks a batch after its optimizer
 step). Both raw rows use one pair of plain Mooncake clients (`setup`, segment-less, TCP:
 what Mooncake's docs set up) of the same master and segment, in this process like the
 specctl clients;
-specctl's clients take its same-host shared-memory path (`SPECCTL_STORE_SHM=0`: TCP too).
+specctl's clients map the segment, as on the store's host (`SPECCTL_STORE_SHM=0`: TCP too).
 Ratios are within the run; absolute rates depend on the (shared) machine.
 `--profile` adds a specctl pass that times every control-plane round trip, Mooncake call,
 pack and unpack, and prints where a record's time goes (put-thread rows overlap the others;
@@ -184,11 +184,12 @@ def _specctl(
     nb = record_nbytes(T, H, K, torch.bfloat16)
     t0 = time.perf_counter()
     puts = []
-    for i in range(n):  # as serve-target: record i + 1 is packed while the store copies i
+    for i in range(n):  # as serve-target: packed into its object (same host), then published
+        out = prod.buffer(nb, (0, base + i, T))  # claims, counts, reserves the object
         tp = time.perf_counter()
         rec = pack_record(epoch=0, index=base + i, input_ids=s["input_ids"],
                           loss_mask=s["loss_mask"], aux_hidden=s["aux"], last_hidden=s["last"],
-                          out=prod.buffer(nb))  # fmt: skip
+                          out=out)  # fmt: skip
         if pack_s is not None:
             pack_s.append(time.perf_counter() - tp)
         puts.append(prod.put_record_async(rec, epoch=0, index=base + i, T=T))
@@ -243,8 +244,7 @@ def _profile(prod: Client, cons: Client, s: Sample, n: int, base: int) -> list[d
 
     book: dict[str, list[float]] = defaultdict(list)
     saved = [(c, c.ctl.store, c.objects._store) for c in (prod, cons)]
-    put_ctl = prod._put_ctl  # the put thread's control-plane connection (made by _measure)
-    assert put_ctl is not None
+    put_ctl = prod._put_ctl  # the put thread's control-plane connection (None: no transfers)
     unpack = pack.unpack_record
 
     def timed_unpack(*a: Any, **kw: Any) -> Any:
@@ -258,14 +258,16 @@ def _profile(prod: Client, cons: Client, s: Sample, n: int, base: int) -> list[d
         side = "producer" if c is prod else "trainer"
         c.ctl.store = _Timed(ctl_store, f"{side} tcpstore.", book)
         c.objects._store = _Timed(mc_store, f"{side} mooncake.", book)
-    put_store = put_ctl.store
-    put_ctl.store = _Timed(put_store, "producer tcpstore.", book)
+    put_store = put_ctl.store if put_ctl is not None else None
+    if put_ctl is not None:
+        put_ctl.store = _Timed(put_store, "producer tcpstore.", book)
     pack.unpack_record = timed_unpack
     try:
         put_s, get_s = _specctl(prod, cons, s, n, base, book["producer pack+crc"])
     finally:
         pack.unpack_record = unpack
-        put_ctl.store = put_store
+        if put_ctl is not None:
+            put_ctl.store = put_store
         for c, ctl_store, mc_store in saved:
             c.ctl.store, c.objects._store = ctl_store, mc_store
     total = put_s + get_s
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _print(rows: list[dict], profile: list[dict]) -> None:
     shm = os.environ.get("SPECCTL_STORE_SHM", "1") != "0"
     print(
-        f"specctl data path: {'shared memory' if shm else 'tcp'}; T={rows[0]['T']}; "
+        f"specctl data path: {'mapped segment' if shm else 'tcp'}; T={rows[0]['T']}; "
         f"acks in groups of {GROUP}"
     )
     print(f"{'H':>5} {'MiB':>6} {'case':<14} {'rec/s':>8} {'GB/s':>7} {'put':>6} {'get':>6} "

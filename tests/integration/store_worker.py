@@ -31,8 +31,9 @@ def tokens(seq: int) -> int:
 
 
 def make_record(
-    client: Client | None, seq: int, num_prompts: int
+    client: Client | None, seq: int, num_prompts: int, placed: bool = False
 ) -> tuple[torch.Tensor, int, int, int]:
+    """Pack seq's record into `client.buffer` (`placed`: the sample's object itself)."""
     epoch, index = divmod(seq, num_prompts)
     T = tokens(seq)
     g = torch.Generator().manual_seed(seq)
@@ -41,7 +42,8 @@ def make_record(
     aux = torch.randn(T, K * H, generator=g)
     last = torch.randn(T, H, generator=g)
     nbytes = record_nbytes(T, H, K, torch.bfloat16)
-    out = client.buffer(nbytes) if client is not None else None
+    sample = (epoch, index, T) if placed else None
+    out = client.buffer(nbytes, sample) if client is not None else None
     rec = pack_record(
         epoch=epoch,
         index=index,
@@ -93,22 +95,29 @@ def produce(args: argparse.Namespace) -> dict:
     if args.die_after is not None:
         proxy = _DieAfter(client.ctl.store, args.die_after)
         client.ctl.store = proxy  # type: ignore[assignment]
-        put = client.put_record
+        put, buffer = client.put_record, client.buffer
 
         def put_then_die(*a: object, **kw: object) -> object:
-            proxy.armed, proxy.n = True, args.die_after
+            if not proxy.armed:  # armed by `buffer` already when it began the put
+                proxy.armed, proxy.n = True, args.die_after
             if put(*a, **kw) is None:  # type: ignore[arg-type]
                 proxy.armed = False  # lost the claim (a seq the store published): next one
                 return None
             raise SystemExit(f"--die-after {args.die_after}: the put made fewer calls")
 
+        def buffer_then_die(*a: object, **kw: object) -> object:
+            proxy.armed, proxy.n = True, args.die_after
+            return buffer(*a, **kw)  # type: ignore[arg-type]
+
         client.put_record = put_then_die  # type: ignore[method-assign]
+        if args.placed:  # the put begins in `buffer`: claim, ledger, room, object
+            client.buffer = buffer_then_die  # type: ignore[method-assign]
     published, skipped = [], []
     while (lease := client.lease_prompts(args.batch, limit=args.limit)) is not None:
         for seq in lease.seqs:
             if args.delay:  # "inference time", while the seq is leased
                 time.sleep(args.delay)
-            rec, epoch, index, T = make_record(client, seq, args.num_prompts)
+            rec, epoch, index, T = make_record(client, seq, args.num_prompts, args.placed)
             if seq in args.corrupt:
                 args.corrupt.remove(seq)  # corrupt it once: the re-produced one is clean
                 rec[-1] ^= 0xFF if rec[-1] != 0 else 0x01  # last_hidden's last byte
@@ -171,6 +180,7 @@ def main() -> None:
     p.add_argument("--corrupt", type=int, nargs="*", default=[])
     p.add_argument("--start-after", type=float, default=0.0)
     p.add_argument("--idle-timeout", type=float, default=30.0)
+    p.add_argument("--placed", action="store_true", help="pack into the sample's object")
     p.add_argument("--die-after", type=int, help="SIGKILL itself after the n-th control-plane "
                    "call of its first put (0: before any)")  # fmt: skip
     args = p.parse_args()

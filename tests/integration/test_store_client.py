@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 PROMPTS = 10
 
 
-def put(client: Client, seq: int, corrupt: bool = False):
-    rec, epoch, index, T = make_record(client, seq, PROMPTS)
+def put(client: Client, seq: int, corrupt: bool = False, placed: bool = False):
+    rec, epoch, index, T = make_record(client, seq, PROMPTS, placed)
     if corrupt:
         rec[rec.numel() // 2] ^= 0x5A  # inside a section: header intact, section CRC wrong
     return client.put_record(rec, epoch=epoch, index=index, T=T)
@@ -108,18 +108,18 @@ def test_corrupt_records_come_back_and_resume_requeues_the_untrained(tmp_path: P
     assert time.monotonic() - t0 < 20
 
 
-def test_shared_memory_and_tcp_clients_share_one_segment(
+def test_mapped_and_tcp_clients_share_one_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with running_store(tmp_path, "--capacity", "64MiB") as st:
-        prod = Client.connect(st["address"], role="producer")  # same host: shared memory
+        prod = Client.connect(st["address"], role="producer")  # same host: maps the segment
         monkeypatch.setenv("SPECCTL_STORE_SHM", "0")  # as a client on another host would
         cons = Client.connect(st["address"], role="trainer")
-        assert (prod.objects.shm, cons.objects.shm) == (True, False)
+        assert (prod.objects.mapped, cons.objects.mapped) == (True, False)
         prod.run_meta("num_prompts", str(PROMPTS))
         lease = prod.lease_prompts(4, limit=PROMPTS)
         assert lease is not None
-        # 1. shm put -> TCP get, growing the send buffer (a kept shm slot) on the way
+        # 1. mapped put -> TCP get, growing the send buffer on the way
         for seq in sorted(lease.seqs, key=tokens):  # growing sizes
             assert put(prod, seq) is not None
             lease.done(seq)
@@ -127,7 +127,7 @@ def test_shared_memory_and_tcp_clients_share_one_segment(
         for g in got:
             check_record(g.record, sid_seq(g))
         cons.ack(got)
-        # 2. TCP put -> shm get, acked in one batch
+        # 2. TCP put -> mapped get (in place), acked in one batch
         lease = cons.lease_prompts(3, limit=PROMPTS)
         assert lease is not None
         for seq in lease.seqs:
@@ -140,6 +140,32 @@ def test_shared_memory_and_tcp_clients_share_one_segment(
         assert (s["inflight_bytes"], s["inflight_records"], s["acks"]) == (0, 0, 7)
         for c in (prod, cons):
             c.close()
+
+
+def test_an_object_handed_out_to_pack_but_never_put_is_taken_back(tmp_path: Path) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod = Client.connect(st["address"], role="producer")
+        cons = Client.connect(st["address"], role="trainer")
+        prod.run_meta("num_prompts", str(PROMPTS))
+        lease = prod.lease_prompts(2, limit=PROMPTS)
+        assert lease is not None
+        first, second = lease.seqs
+        make_record(prod, first, PROMPTS, placed=True)  # packed into its object, never put
+        assert prod.stats()["inflight_records"] == 1
+        assert put(prod, second, placed=True) is not None  # the first is taken back here
+        assert prod.stats()["inflight_records"] == 1
+        assert put(prod, first, placed=True) is not None  # its claim was dropped: put again
+        got = drain(cons, 2)
+        assert sorted(map(sid_seq, got)) == [first, second]
+        for g in got:
+            check_record(g.record, sid_seq(g))
+        cons.ack(got)
+        make_record(prod, 2, PROMPTS, placed=True)  # close takes back one left handed out
+        prod.close()
+        s = cons.stats()
+        assert (s["inflight_records"], s["inflight_bytes"], s["puts"], s["acks"]) == (0, 0, 2, 2)
+        assert cons.next_record(timeout_s=0.5) is None
+        cons.close()
 
 
 def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(

@@ -97,17 +97,19 @@ def test_killed_producer_loses_and_repeats_nothing(tmp_path: Path) -> None:
         assert s["requeued"] >= 1 and survived["published"], (s, len(survived["published"]))
 
 
-def test_a_kill_at_any_point_of_a_put_leaves_exact_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placed", [False, True], ids=["copied", "packed-in-place"])
+def test_a_kill_at_any_point_of_a_put_leaves_exact_counts(tmp_path: Path, placed: bool) -> None:
     """SIGKILL a producer before its put and after each control-plane call of it in turn
-    (claim, ledger, in-flight read, object put, ledger, push, mark); the store settles each
-    dead put and every sample is delivered once, with every count exact."""
+    (claim, ledger, in-flight read, object written, ledger, push, mark); the store settles
+    each dead put and every sample is delivered once, with every count exact. `placed`: the
+    put begins in `buffer(nbytes, sample)` and the record is packed into its object."""
     points = 8
     n = points + 2
     with running_store(tmp_path, "--capacity", "64MiB", "--lease-ttl", "1") as st:
         store = st["address"]
         for k in range(points + 1):
             victim = worker("producer", store, "--limit", str(n), "--batch", "1",
-                            "--die-after", str(k))  # fmt: skip
+                            "--die-after", str(k), *(["--placed"] if placed else []))  # fmt: skip
             _, err = victim.communicate(timeout=120)
             if k < points:
                 assert victim.returncode == -signal.SIGKILL, (k, err[-2000:])

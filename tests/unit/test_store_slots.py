@@ -13,9 +13,8 @@ pytestmark = pytest.mark.unit
 class Registry:
     """Stands in for Mooncake's register_buffer/unregister_buffer (the only calls Slots makes)."""
 
-    def __init__(self, shm: bool = False) -> None:
+    def __init__(self) -> None:
         self.live: dict[int, int] = {}
-        self.shm = shm
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         t = torch.empty(nbytes, dtype=torch.uint8)
@@ -46,16 +45,3 @@ def test_slots_are_reused_smallest_fit_first_and_bounded() -> None:
     assert len(reg.live) == KEEP_FREE + 2  # the extra free slots were unregistered
     slots.close()
     assert set(reg.live) == {small.ptr, big.ptr}  # still held by the caller
-
-
-def test_shared_memory_slots_are_kept_and_sized_in_powers_of_two() -> None:
-    reg = Registry(shm=True)  # shm buffers cannot be freed before close: nothing is dropped
-    slots = Slots(reg)  # type: ignore[arg-type]
-    a = slots.take(3 * GRANULE + 1)
-    assert a.nbytes == 4 * GRANULE
-    held = [slots.take(GRANULE) for _ in range(KEEP_FREE + 3)]
-    for s in held:
-        slots.give(s)
-    slots.drop(a)  # a grown send buffer goes back to the pool, not unregistered
-    assert len(slots.free) == KEEP_FREE + 4 and len(reg.live) == KEEP_FREE + 4
-    assert slots.take(5 * GRANULE // 2) is a

@@ -1,14 +1,14 @@
 """`specctl.store.Client`: what producers and trainers call (docs/architecture.md).
 
-Producer: `lease_prompts` -> pack into `buffer(nbytes)` -> `put_record` -> `lease.done`;
-or `put_record_async`, whose copy and publication run on the client's put thread while the
-next record is packed into the other of two buffers (one put in flight at a time).
+Producer: `lease_prompts` -> pack into `buffer(nbytes, sample)` -> `put_record` ->
+`lease.done`; or `put_record_async`, whose transfer and publication run on the client's put
+thread while the next record is packed into the other of two buffers (one put in flight).
 Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, ...])`;
 queued records are fetched up to `read_ahead` at a time in one batched get.
 
-Records live in receive slots: registered buffers filled by Mooncake `get_into`; a
-`Received.record` stays valid until it is acked (or `release()`d), after which its slot is
-reused. In-flight bytes (put, not yet acked) are what the producers' ledgers (ledger.py)
+A `Received.record` is views of the object in the mapped segment (same host) or of a
+receive slot filled by Mooncake `get_into` (a registered buffer); it stays valid until it
+is acked (or `release()`d), after which the object is freed or the slot reused. In-flight bytes (put, not yet acked) are what the producers' ledgers (ledger.py)
 counted minus what consumers drained: `put_record` waits while they are above the high
 watermark until they drop to the low one, and Mooncake's -200 (full) is waited out too,
 so a slow trainer slows producers and nothing is dropped.
@@ -18,8 +18,10 @@ claimed on the control plane before the put, so a re-issued seq is never publish
 (`put_record` returns None to the loser); a consumer sees a sample again only after it was
 handed back (corrupt record, `requeue_untrained`), and drops repeats it already delivered.
 
-On the store's own host, records move through shared memory (objects.py: one memcpy into
-the segment, one out); from other hosts over Mooncake's transfer engine (TCP or RDMA).
+On the store's own host, clients map the segment (segment.py): a producer packs each record
+into its object (`buffer(nbytes, sample)`) and a trainer reads it there, so a record is
+written once and read once. From other hosts records go over Mooncake's transfer engine (TCP
+or RDMA) between registered buffers.
 
 `connect` probes the control-plane port and the Mooncake master port with a plain socket
 before building any client, so a dead store fails within `timeout_s` instead of Mooncake's
@@ -45,13 +47,15 @@ from typing import Any
 
 from specctl.console import log
 from specctl.errors import RecordError, StoreError, StoreUnavailable
-from specctl.protocol import Descriptor, parse_header
+from specctl.protocol import VERSION as PROTOCOL_VERSION
+from specctl.protocol import Descriptor, parse_header, record_key
 from specctl.store import control as keys
 from specctl.store.address import is_loopback, parse, require
 from specctl.store.control import Control
 from specctl.store.leases import Lease, LeaseBook
 from specctl.store.ledger import Ledger
 from specctl.store.objects import NOT_FOUND, TRANSIENT, Objects, describe
+from specctl.store.segment import Where
 from specctl.store.slots import Slot, Slots
 
 ROLES = ("producer", "trainer", "admin")
@@ -65,9 +69,11 @@ class _Put:
 
     desc: Descriptor
     text: str  # desc as JSON, as pushed and as kept in the ledger
-    slot: Slot | None  # the send buffer it is copied from
-    ptr: int
+    buf: Any  # the packed record (uint8 tensor) it is copied from
+    slot: Slot | None  # the send buffer holding buf, if it is one of ours
     nbytes: int
+    placed: bool = False  # buf is the record's object itself (packed in place): no copy
+    waits: int = 0  # full-store retries its object's reservation took
 
 
 @dataclass
@@ -94,6 +100,9 @@ class Client:
         self.slots = Slots(objects)
         self._sends: list[Slot | None] = [None, None]  # pack buffers (see `buffer`)
         self._busy: Slot | None = None  # the one a put in flight copies from
+        self._placed: _Put | None = None  # claimed, counted, its object handed out to pack
+        self._room, self._unseen = 0, 0  # high_wm - in-flight bytes at the last reading; put since
+        self._gets = 0  # records handed out, not yet counted
         self._inflight: Future[Descriptor | None] | None = None
         self._putter: ThreadPoolExecutor | None = None
         self._put_ctl: Control | None = None
@@ -130,10 +139,7 @@ class Client:
         mhost, _, mport = master.rpartition(":")
         require(mhost, int(mport), timeout_s, "Mooncake master")
         host = _local_host(addr.host)
-        segment = ctl.get(keys.meta("segment")) or ""
-        shm = os.environ.get("SPECCTL_STORE_SHM", "1") != "0" and _same_host(addr.host, host)
-        objects = Objects(master, host=host, shm_via=segment if shm and segment else None)
-        return cls(ctl, objects, role, str(addr))
+        return cls(ctl, _objects(ctl, master, addr.host, host), role, str(addr))
 
     def _heartbeat(self, ctl: Control, ttl_s: float) -> None:
         while not self._stop.wait(ttl_s / 3):
@@ -179,12 +185,29 @@ class Client:
         seqs = self.leases.take(n, limit)
         return Lease(self.leases, seqs) if seqs else None
 
-    def buffer(self, nbytes: int) -> Any:
-        """A registered uint8 tensor of nbytes to pack into, reused (grown) across calls.
+    def buffer(self, nbytes: int, sample: tuple[int, int, int] | None = None) -> Any:
+        """A uint8 tensor of nbytes to pack a record into, then to pass to `put_record(_async)`.
 
-        Two buffers take turns: while `put_record_async` copies from one, the other is
-        handed out, so the next record is packed during the copy.
+        With `sample` (epoch, index, T) and the store on this host, it is that sample's
+        object in the mapped segment: the publication is claimed, the put counted and the
+        object reserved here, so the record is packed where the trainer reads it and the
+        put only publishes it. (When another producer published the sample, it is a send
+        buffer, and the put returns None.) Otherwise it is one of two registered send
+        buffers taking turns: while `put_record_async` copies from one, the next record is
+        packed into the other.
         """
+        self._abandon()
+        if sample is not None and self.objects.mapped:
+            self.flush()  # one put in progress at a time: the ledger holds one
+            put = self._claim_sample(*sample, nbytes)
+            if put is not None:
+                try:
+                    put.buf, put.waits = self.objects.reserve(put.desc.key, nbytes)
+                except BaseException:
+                    self._take_back(put, self.ctl)
+                    raise
+                put.placed, self._placed = True, put
+                return put.buf
         i = 1 if self._busy is not None and self._busy is self._sends[0] else 0
         slot = self._sends[i]
         if slot is None or slot.nbytes < nbytes:
@@ -193,6 +216,13 @@ class Client:
                 self.slots.drop(slot)
             slot = self._sends[i] = self.slots.new(nbytes)
         return slot.tensor[:nbytes]
+
+    def _abandon(self) -> None:
+        """Take back a put whose object was handed out by `buffer` but never put."""
+        if self._placed is not None:
+            put, self._placed = self._placed, None
+            self.objects.remove(put.desc.key)
+            self._take_back(put, self.ctl)
 
     def put_record(self, buf: Any, *, epoch: int, index: int, T: int) -> Descriptor | None:
         """Put one packed record (hard-pinned) and publish its descriptor.
@@ -207,7 +237,9 @@ class Client:
     def put_record_async(
         self, buf: Any, *, epoch: int, index: int, T: int
     ) -> Future[Descriptor | None]:
-        """`put_record` whose copy and publication run on this client's put thread.
+        """`put_record` whose copy and publication run on this client's put thread (a
+        record packed in place into its object, `buffer(nbytes, sample)`, is only
+        published, here).
 
         The claim and the in-flight count (back-pressure) happen here; the returned future
         holds the descriptor (None: published by another producer) or the put's error.
@@ -216,10 +248,13 @@ class Client:
         """
         self.flush()
         put = self._claim_put(buf, epoch, index, T)
-        if put is None:
-            lost: Future[Descriptor | None] = Future()
-            lost.set_result(None)
-            return lost
+        if put is None or put.placed:  # lost, or packed in place: only publishing is left
+            done: Future[Descriptor | None] = Future()
+            try:
+                done.set_result(None if put is None else self._copy_and_publish(put, self.ctl))
+            except Exception as e:  # as from the put thread: the future holds the error
+                done.set_exception(e)
+            return done
         if self._putter is None:
             self._putter = ThreadPoolExecutor(1, thread_name_prefix="specctl-put")
             self._put_ctl = self.ctl.clone()  # a TCPStore client is not shared by threads
@@ -236,7 +271,8 @@ class Client:
             self._inflight, self._busy = None, None
 
     def _claim_put(self, buf: Any, epoch: int, index: int, T: int) -> _Put | None:
-        """Check the header, claim the publication, count the put in our ledger."""
+        """Check the header; the put `buffer` began for it, else claim the publication and
+        count the put in our ledger."""
         # 1. read the header the packer wrote; it must be the sample we were told
         header = parse_header(memoryview(buf.numpy()))
         if (header.epoch, header.index, header.T) != (epoch, index, T):
@@ -244,26 +280,63 @@ class Client:
                 f"record header is ({header.epoch}, {header.index}, T={header.T}), "
                 f"put_record was told ({epoch}, {index}, T={T})"
             )
+        placed, self._placed = self._placed, None
+        if placed is not None and placed.buf.data_ptr() == buf.data_ptr():
+            if header.total_nbytes != placed.nbytes:
+                self._placed = placed
+                raise RecordError(
+                    f"record of {header.total_nbytes} bytes packed into a {placed.nbytes}-byte "
+                    "buffer(..., sample)"
+                )
+            desc = Descriptor.for_header(
+                header, run=self.run, producer=self.producer, put=placed.desc.put
+            )
+            placed.desc, placed.text = desc, desc.to_json()
+            return placed
+        self._placed = placed
+        self._abandon()
         nbytes = header.total_nbytes
+        put = self._claim_sample(epoch, index, T, nbytes)
+        if put is None:
+            return None
+        put.desc = Descriptor.for_header(
+            header, run=self.run, producer=self.producer, put=put.desc.put
+        )
+        put.text = put.desc.to_json()  # the ledger takes it when the object is written
+        buf = buf.reshape(-1)[:nbytes]
+        put.buf, put.slot = buf, self._registered(buf, nbytes)
+        if put.slot is None and not self.objects.mapped:  # a transfer needs a registered
+            staged = self.buffer(nbytes)  # buffer: stage it through one of ours (a copy)
+            staged.copy_(buf)
+            put.buf, put.slot = staged, self._registered(staged, nbytes)
+        return put
+
+    def _claim_sample(self, epoch: int, index: int, T: int, nbytes: int) -> _Put | None:
+        """Claim the publication of a sample (None: another producer has it) and count its
+        put in our ledger, waiting while in-flight bytes are too high."""
         if nbytes > self.capacity:
             raise StoreError(
                 f"record of {nbytes} bytes exceeds the store capacity {self.capacity}",
                 hint="restart the store with a larger --capacity",
             )
-        # 2. claim the publication: at most one producer ever puts this sample
+        # at most one producer ever puts this sample
         token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
-        desc = Descriptor.for_header(header, run=self.run, producer=self.producer, put=token)
-        # 3. count the put in our ledger, waiting while in-flight bytes are too high
-        slot = self._registered(buf, nbytes)
-        if slot is None:  # not our buffer: stage it through a registered one (one more copy)
-            staged = self.buffer(nbytes)
-            staged.copy_(buf.reshape(-1)[:nbytes])
-            buf, slot = staged, self._registered(staged, nbytes)
-        put = _Put(desc, desc.to_json(), slot, int(buf.data_ptr()), nbytes)
+        # the final descriptor (with the header's CRC) replaces this one once packed
+        desc = Descriptor(
+            v=PROTOCOL_VERSION, key=record_key(self.run, epoch, index), run=self.run,
+            epoch=epoch, index=index, nbytes=nbytes, T=T, crc=0, producer=self.producer,
+            put=token,
+        )  # fmt: skip
+        put = _Put(desc, desc.to_json(), None, None, nbytes)
         self._reserve(put.text, nbytes)
         return put
+
+    def _take_back(self, put: _Put, ctl: Control) -> None:
+        """Undo a counted put that will not be published (its claim is dropped)."""
+        self._write_ledger(self._ledger.undone(put.nbytes), ctl)
+        ctl.delete(keys.pub(put.desc.epoch, put.desc.index))
 
     def _copy_and_publish(self, put: _Put, ctl: Control) -> Descriptor:
         """4. put from the registered buffer; 5. publish, then mark the claim published
@@ -272,12 +345,18 @@ class Client:
         desc, nbytes = put.desc, put.nbytes
         pub = keys.pub(desc.epoch, desc.index)
         try:
-            waits = self.objects.put(desc.key, put.ptr, nbytes)
+            waits = put.waits
+            if put.placed:
+                pass  # packed into its object already
+            elif self.objects.mapped:  # write the record into its object in the segment
+                obj, waits = self.objects.reserve(desc.key, nbytes)
+                obj.copy_(put.buf)
+            else:
+                waits = self.objects.put(desc.key, int(put.buf.data_ptr()), nbytes)
         except BaseException:
-            self._write_ledger(self._ledger.undone(nbytes), ctl)
-            ctl.delete(pub)
+            self._take_back(put, ctl)
             raise
-        self._write_ledger(self._ledger.written(), ctl)
+        self._write_ledger(self._ledger.written(put.text), ctl)
         ctl.push(keys.RECORDS, put.text)
         self._ledger = self._ledger.published()
         ctl.set_many({pub: desc.put + keys.PUBLISHED, keys.acct(self.id): self._ledger.dumps()})
@@ -299,7 +378,9 @@ class Client:
         watermark the count is taken back while we wait for the low one, so a producer
         that dies waiting leaves nothing for the reaper to undo."""
         self._write_ledger(self._ledger.begin(desc, nbytes))
-        cur = self.inflight_bytes()
+        if self._fits(nbytes):
+            return
+        cur = self._read_room()
         if cur == nbytes or cur <= self.high_wm:
             return
         self._write_ledger(self._ledger.undone(nbytes))
@@ -317,10 +398,28 @@ class Client:
         False when `give_up()` said so first (a producer whose run ended). Waiting here,
         before the put claims its sample, leaves nothing to undo when the caller stops.
         """
-        cur = self.inflight_bytes()
+        if self._fits(nbytes):
+            return True
+        cur = self._read_room()
         if cur == 0 or cur + nbytes <= self.high_wm:
             return True
         return self._wait_for_room(cur, nbytes, give_up)
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether nbytes more surely stay below the high watermark, judged by the last
+        reading of in-flight bytes: puts take up to a quarter of the room seen then before
+        reading again (a round trip per put saved). A few producers together stay below the
+        watermark; many may overshoot it, and then a full segment makes puts wait."""
+        if self._unseen + nbytes > self._room // 4:
+            return False
+        self._unseen += nbytes
+        return True
+
+    def _read_room(self) -> int:
+        """In-flight bytes now, noted as the room `_fits` goes by."""
+        cur = self.inflight_bytes()
+        self._room, self._unseen = self.high_wm - cur, 0
+        return cur
 
     def _wait_for_room(
         self, cur: int, nbytes: int, give_up: Callable[[], bool] | None = None
@@ -341,7 +440,7 @@ class Client:
                 last_log = now
             time.sleep(delay)
             delay = min(delay * 1.5, 0.1)
-            cur = self.inflight_bytes()
+            cur = self._read_room()
         self.ctl.count("waits", 1)
         return True
 
@@ -350,12 +449,12 @@ class Client:
     def next_record(self, timeout_s: float | None = None) -> Received | None:
         """The next published record, checked (CRC, descriptor); None after timeout_s.
 
-        When several descriptors are queued, up to `read_ahead` records are fetched in one
-        Mooncake call (one holder round trip instead of one each) and handed out by the
-        following calls; each is claimed only when handed out, and `close` queues the
-        rest again. At most half of what is left queued is taken ahead, so at the end of
-        a run another consumer (a trainer rank waiting for its micro-batch) is not left
-        without records while this one holds them. A corrupt or vanished record is
+        When several descriptors are queued, up to `read_ahead` records are looked up (mapped
+        segment) or fetched in one Mooncake call (one round trip instead of one each) and
+        handed out by the following calls; each is claimed only when handed out, and
+        `close` queues the rest again. At most half of what is left queued is taken ahead,
+        so at the end of a run another consumer (a trainer rank waiting for its micro-batch)
+        is not left without records while this one holds them. A corrupt or vanished record is
         logged, removed and its sample handed back to the producers; the next one is tried.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -393,36 +492,55 @@ class Client:
                 self._drop_repeat(desc)
                 continue
             descs.append(desc)
-        slots = [self.slots.take(d.nbytes) for d in descs]
-        try:
-            sizes = self.objects.get_many(
-                [d.key for d in descs], [s.ptr for s in slots], [s.nbytes for s in slots]
-            )
-        except BaseException:
-            for slot in slots:
-                self.slots.give(slot)
-            raise
+        if not descs:
+            return []
+        slots, data = self._get(descs)
         out: list[Received] = []
-        for i, (desc, slot, n) in enumerate(zip(descs, slots, sizes, strict=True)):
+        for i, (desc, slot, got) in enumerate(zip(descs, slots, data, strict=True)):
             try:
-                if n == NOT_FOUND or n in TRANSIENT:
-                    raise RecordError(f"object {desc.key} is missing or unreadable: {describe(n)}")
-                if n < 0:
-                    raise StoreError(f"get {desc.key!r}: {describe(n)}")
-                record = unpack_record(slot.tensor[:n], verify=True)
+                if isinstance(got, int):
+                    if got == NOT_FOUND or got in TRANSIENT:
+                        raise RecordError(
+                            f"object {desc.key} is missing or unreadable: {describe(got)}"
+                        )
+                    raise StoreError(f"get {desc.key!r}: {describe(got)}")
+                record = unpack_record(got, verify=True)
                 desc.check_matches(record.header)
             except RecordError as e:
-                self.slots.give(slot)
+                self._give(slot)
                 self._reject(desc, e)
                 continue
             except BaseException:
                 for later in slots[i:]:
-                    self.slots.give(later)
-                for got in out:
-                    self.release(got)
+                    self._give(later)
+                for kept in out:
+                    self.release(kept)
                 raise
             out.append(Received(desc, record, slot))
         return out
+
+    def _get(self, descs: list[Descriptor]) -> tuple[list[Slot | None], list[Any]]:
+        """Each record's bytes (a uint8 tensor) or Mooncake's code: in place in the mapped
+        segment, else fetched into receive slots (one batched get)."""
+        if self.objects.mapped:
+            return [None] * len(descs), self.objects.views(
+                [d.key for d in descs], [d.nbytes for d in descs]
+            )
+        taken = [self.slots.take(d.nbytes) for d in descs]
+        try:
+            sizes = self.objects.get_many(
+                [d.key for d in descs], [s.ptr for s in taken], [d.nbytes for d in descs]
+            )
+        except BaseException:
+            for slot in taken:
+                self.slots.give(slot)
+            raise
+        data = [n if n < 0 else s.tensor[:n] for s, n in zip(taken, sizes, strict=True)]
+        return list(taken), data
+
+    def _give(self, slot: Slot | None) -> None:
+        if slot is not None:
+            self.slots.give(slot)
 
     def _reject(self, desc: Descriptor, why: RecordError) -> None:
         """A record that failed its checks: drop it, or hand its sample back to producers."""
@@ -443,7 +561,7 @@ class Client:
             self.release(got)
             self._drop_repeat(desc, delivered)
             return None
-        self.ctl.count("gets", 1)
+        self._gets += 1  # counted with the next ack (a round trip per record saved)
         return got
 
     def _drop_repeat(self, desc: Descriptor, delivered: str | None = None) -> None:
@@ -481,21 +599,27 @@ class Client:
     def ack(self, received: list[Received]) -> None:
         """After the optimizer step: free the objects and the in-flight bytes, reuse slots.
 
-        One batched remove and three counter updates per call, whatever the list length.
+        One batched remove and four counter updates per call, whatever the list length
+        (records handed out since the last ack are counted as `gets` here).
         """
         if not received:
             return
         self.objects.remove_many([got.descriptor.key for got in received])
         self._drain(sum(got.descriptor.nbytes for got in received), len(received))
         self.ctl.count("acks", len(received))
+        self._count_gets()
         for got in received:
             self.release(got)
 
+    def _count_gets(self) -> None:
+        if self._gets:
+            self.ctl.count("gets", self._gets)
+            self._gets = 0
+
     def release(self, got: Received) -> None:
         """Give a record's receive slot back without acking (its views become invalid)."""
-        if got.slot is not None:
-            self.slots.give(got.slot)
-            got.slot = None
+        self._give(got.slot)
+        got.slot = None
 
     def _unfetch(self) -> None:
         """Queue again the records fetched ahead and never handed out (still unclaimed)."""
@@ -535,6 +659,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Counters, queue lengths and capacity as the control plane sees them."""
+        self._count_gets()
         out: dict[str, Any] = dict(self.ctl.counters(member=True))
         out.update(
             queued=self.ctl.qlen(keys.RECORDS),
@@ -555,6 +680,8 @@ class Client:
         if self._putter is not None:
             self._putter.shutdown()
         try:
+            self._abandon()
+            self._count_gets()
             self.leases.release_all()
             self._unfetch()
             self.ctl.set(keys.left(self.id), "1")
@@ -573,9 +700,17 @@ class Client:
         self.close()
 
 
-def _same_host(store_host: str, local: str) -> bool:
-    """Whether the store (so its segment) runs on this machine: shared memory is possible."""
-    return is_loopback(store_host) or store_host == local
+def _objects(ctl: Control, master: str, store_host: str, host: str) -> Objects:
+    """Our Mooncake client: mapping the segment when the store runs on this host (and its
+    memfd opens here: not from another container), else by transfer."""
+    where = ctl.get(keys.meta("segment"))
+    same = is_loopback(store_host) or store_host == host
+    if where and same and os.environ.get("SPECCTL_STORE_SHM", "1") != "0":
+        try:
+            return Objects(master, host=host, mapped=Where.loads(where))
+        except OSError as e:
+            log(f"[store] cannot map the segment ({e}); records go by transfer")
+    return Objects(master, host=host)
 
 
 def _local_host(store_host: str) -> str:

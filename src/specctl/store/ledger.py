@@ -45,8 +45,10 @@ class Ledger:
         """The put of `desc` counted, its object about to be written."""
         return Ledger(self.puts + 1, self.put_bytes + nbytes, WRITING, desc)
 
-    def written(self) -> Ledger:
-        return Ledger(self.puts, self.put_bytes, PUBLISHING, self.desc)
+    def written(self, desc: str | None = None) -> Ledger:
+        """The object whole; `desc` replaces the descriptor begun with (a record packed in
+        place is begun before its header exists)."""
+        return Ledger(self.puts, self.put_bytes, PUBLISHING, self.desc if desc is None else desc)
 
     def published(self) -> Ledger:
         return Ledger(self.puts, self.put_bytes)

@@ -8,9 +8,9 @@ is the master. It runs in its own session (a terminal ^C reaches only us, and we
 in order: clients first) with `PR_SET_PDEATHSIG=SIGKILL`, so a SIGKILLed parent leaves
 no orphan. The master keeps object metadata in memory only: a restart loses every object.
 
-The data segment lives in a second child, Mooncake's standalone `mooncake_client` ("real
-client", same spawn rules): same-host clients reach it over shared memory (objects.py).
-`--global_segment_size` takes plain bytes; readiness = its RPC port accepts a connection.
+The data segment lives in a second child, `python -m specctl.store.segment` (same spawn
+rules): a memfd mounted into Mooncake, which same-host clients map (segment.py); ready
+once it wrote where the segment lies.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from specctl.errors import StoreError
 from specctl.store.address import free_port, probe
+from specctl.store.segment import Where
 
 PR_SET_PDEATHSIG = 1
 LEASE_TTL = "10s"  # we always force-remove, so leases only need to outlive a slow read
@@ -126,18 +127,12 @@ def start(host: str, log_path: Path, timeout_s: float = 20.0) -> Master:
 
 @dataclass
 class SegmentHolder:
-    """The `mooncake_client` child ("real client"): holds the data segment, serves
-    same-host clients over shared memory (objects.py) and remote ones over the transfer
-    engine. Its pid is the binary's (the script `execv`s it)."""
+    """The segment child (segment.py): holds the data segment in a memfd that same-host
+    clients map; remote ones reach it over the transfer engine."""
 
     proc: subprocess.Popen[bytes]
-    host: str
-    port: int
+    where: Where
     log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def stop(self, timeout_s: float = 5.0) -> None:
         _stop(self.proc, timeout_s)
@@ -146,32 +141,25 @@ class SegmentHolder:
 def start_segment(
     host: str, master: str, capacity: int, log_path: Path, timeout_s: float = 20.0
 ) -> SegmentHolder:
-    """Spawn `mooncake_client` with a `capacity`-byte segment; return once it serves."""
-    port = free_port(host)
-    args = [
-        _binary("mooncake_client"),
-        f"--host={host}",
-        f"--port={port}",
-        f"--global_segment_size={capacity}",
-        "--local_buffer_size=0",
-        "--metadata_server=P2PHANDSHAKE",
-        f"--master_server_address={master}",
-        f"--protocol={os.environ.get('SPECCTL_STORE_PROTOCOL', 'tcp')}",
-        f"--device_names={os.environ.get('SPECCTL_STORE_DEVICE', '')}",
-    ]
-    holder = SegmentHolder(_spawn(args, log_path), host, port, log_path)
+    """Spawn the segment child with a `capacity`-byte segment; return once it is mounted."""
+    info = log_path.with_suffix(".json")
+    info.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "specctl.store.segment", f"--master={master}",
+            f"--host={host}", f"--capacity={capacity}", f"--info={info}"]  # fmt: skip
+    proc = _spawn(args, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if holder.proc.poll() is not None:
+        if proc.poll() is not None:
             raise StoreError(
-                f"mooncake_client (the data segment) exited with rc {holder.proc.returncode}",
-                hint=f"see {log_path}",
+                f"the data segment child exited with rc {proc.returncode}", hint=f"see {log_path}"
             )
-        if probe(host, port, 0.1):
-            return holder
+        if info.exists():
+            where = Where.loads(info.read_text())
+            info.unlink()
+            return SegmentHolder(proc, where, log_path)
         time.sleep(0.05)
-    holder.stop()
-    raise StoreError(f"mooncake_client not ready after {timeout_s:.0f}s", hint=f"see {log_path}")
+    _stop(proc, 5.0)
+    raise StoreError(f"the data segment not ready after {timeout_s:.0f}s", hint=f"see {log_path}")
 
 
 def _ready(master: Master) -> bool:

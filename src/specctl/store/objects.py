@@ -1,4 +1,5 @@
-"""Mooncake data plane: one object per record, moved zero-copy between registered buffers.
+"""Mooncake data plane: one object per record, written and read in place in the mapped
+segment (same host) or moved between registered buffers by the transfer engine.
 
 Who pins and who frees: the producer `put`s every record **hard-pinned** (Mooncake silently
 evicts unpinned objects at 90% segment use, which would lose training data); the consumer
@@ -21,31 +22,33 @@ Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4
   buffer (the other keeps its old bytes): `get_many` never batches a key twice.
 - -200 (no free space) is back-pressure, not failure: `put` waits and retries.
 - No client contributes a segment: every object lives in the `--capacity` segment of the
-  store's `mooncake_client` child (master.py), so it survives producer and trainer death.
-- Same-host fast path: a client on the segment holder's host connects as a Mooncake
-  "dummy" client (`setup_dummy`): its buffers come from `alloc_from_mem_pool` (a memfd
-  the holder maps, passed over a unix socket) and each put/get is one RPC in which the
-  holder memcpys between that memory and its segment (~9 GB/s here vs ~1.2 GB/s per TCP
-  hop). In 0.3.13 `register_buffer` must cover exactly one whole allocation, and memory
-  is only released at `close()` (no free call): slots.py pools it. A dummy whose holder
-  died answers -900 after ~4 s per call and logs reconnect attempts every 2 s.
-  `SPECCTL_STORE_SHM=0` forces the TCP path.
-- The transfer engine's own listeners bind the wildcard address whatever we pass
-  (a Mooncake limitation); the master and the control plane bind only `--host`.
+  store's segment child (segment.py), so it survives producer and trainer death.
+- Same-host fast path: the segment is a memfd that a client on the store's host maps
+  (`mapped`). A put reserves its object (`batch_put_session_start` + `_end`: allocated,
+  complete, never transferred) and reads the object's address from its replica descriptor;
+  the caller then writes the record there (`reserve`). A get reads the descriptors of
+  several objects in one call and returns views of them in place (`views`). Mooncake only
+  allocates, tracks and frees: the bytes never pass through a transfer. Codes of the
+  session API: -705 when the key exists (or its session is still open: it is discarded
+  after `--put_start_discard_timeout_sec`), -200 when full. `SPECCTL_STORE_SHM=0` forces
+  the transfer path (TCP, as a client on another host).
+- A client without a segment logs a harmless "Local segment descriptor not found" at
+  `setup`: fd 2 is silenced around it unless SPECCTL_DEBUG is set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from specctl.console import debug_enabled
 from specctl.errors import StoreError
+from specctl.store.segment import Mapping, Where
 
 # mooncake-store/include/types.h; messages say what it means for a specctl user.
 ERRORS: dict[int, str] = {
@@ -73,6 +76,7 @@ ERRORS: dict[int, str] = {
 }
 FULL = -200
 NOT_FOUND = -704
+EXISTS = -705
 TRANSIENT = (-703, -707)
 
 
@@ -94,7 +98,8 @@ def check(code: int, what: str) -> int:
 
 
 class Objects:
-    """A Mooncake client: `setup`, registered buffers, put_from / get_into / remove(force)."""
+    """A Mooncake client: `setup`, registered buffers, put_from / get_into / remove(force);
+    `reserve` / `views` on the mapped segment when the store runs on this host."""
 
     def __init__(
         self,
@@ -102,48 +107,39 @@ class Objects:
         *,
         host: str = "127.0.0.1",
         segment_bytes: int = 0,
-        shm_via: str | None = None,
+        mapped: Where | None = None,
     ) -> None:
         if not debug_enabled():  # ~15 INFO lines per setup; GLOG_minloglevel is ignored
             os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
+        self.mapping = Mapping(mapped) if mapped is not None else None  # OSError: not here
         self._store: Any = MooncakeDistributedStore()
-        # shm_via: the segment holder's address on this host -> a "dummy" client whose
-        # buffers are shared memory the holder maps, so put/get are memcpys in the holder.
-        self.shm = bool(shm_via)
-        if shm_via:
-            rc = self._store.setup_dummy(0, 0, shm_via)
-            if rc != 0:
-                raise StoreError(f"Mooncake shared-memory setup against {shm_via} failed [{rc}]")
-        else:
-            # local_buffer_size=0: we only use the zero-copy *_from/*_into paths.
-            # RDMA (CUDA Mooncake build, recipes/multi-host.md): SPECCTL_STORE_PROTOCOL=rdma
-            # and SPECCTL_STORE_DEVICE=<NIC names, e.g. mlx5_0>; tcp otherwise.
-            protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
-            device = os.environ.get("SPECCTL_STORE_DEVICE", "")
+        # local_buffer_size=0: we only use the zero-copy *_from/*_into paths.
+        # RDMA (CUDA Mooncake build, recipes/multi-host.md): SPECCTL_STORE_PROTOCOL=rdma
+        # and SPECCTL_STORE_DEVICE=<NIC names, e.g. mlx5_0>; tcp otherwise.
+        protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
+        device = os.environ.get("SPECCTL_STORE_DEVICE", "")
+        with _quiet_stderr():
             rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, 0, protocol, device, master)
-            if rc != 0:
-                raise StoreError(f"Mooncake setup against master {master} failed [{rc}]")
+        if rc != 0:
+            raise StoreError(f"Mooncake setup against master {master} failed [{rc}]")
         self._pin = ReplicateConfig()
         self._pin.replica_num = 1
         self._pin.with_hard_pin = True
         self._registered: set[int] = set()
 
+    @property
+    def mapped(self) -> bool:
+        """Whether records move through the mapped segment (same host) or by transfer."""
+        return self.mapping is not None
+
     def allocate(self, nbytes: int) -> Any:
-        """A registered uint8 tensor of nbytes (shared memory in shm mode: never freed
-        before close, so callers pool it)."""
+        """A registered uint8 tensor of nbytes (a transfer buffer)."""
         import torch
 
-        if not self.shm:
-            t = torch.empty(nbytes, dtype=torch.uint8)
-            self.register(int(t.data_ptr()), nbytes)
-            return t
-        ptr = int(self._store.alloc_from_mem_pool(nbytes))
-        if ptr == 0:
-            raise StoreError(f"could not allocate {nbytes} bytes of shared memory")
-        t = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=torch.uint8)
-        self.register(ptr, nbytes)  # a dummy registers exactly one whole allocation
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        self.register(int(t.data_ptr()), nbytes)
         return t
 
     def register(self, ptr: int, nbytes: int) -> None:
@@ -173,6 +169,53 @@ class Objects:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    def reserve(self, key: str, nbytes: int, *, wait_s: float = 600.0) -> tuple[Any, int]:
+        """Mapped segment: a hard-pinned object of nbytes for `key`, as a view to write the
+        record into, and the -200 retries it took. An object left by a put that died
+        before publishing is reused; one whose session is still open waits until the
+        master discards it."""
+        assert self.mapping is not None
+        deadline = time.monotonic() + wait_s
+        retries, delay = 0, 0.01
+        while True:
+            rc = int(self._store.batch_put_session_start([key], [nbytes], self._pin)[0])
+            if rc == 0:
+                check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
+            elif rc not in (FULL, EXISTS):
+                check(rc, f"put {key!r} ({nbytes} bytes)")
+            if rc in (0, EXISTS):
+                view = self.view_of(key, nbytes)
+                if view is not None:
+                    return view, retries
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"put {key!r}: store stayed full for {wait_s:.0f}s",
+                    hint="is a consumer running and acking? or raise --capacity",
+                )
+            retries += rc == FULL
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def view_of(self, key: str, nbytes: int) -> Any:
+        """Mapped segment: a view of `key`'s nbytes; None while it is missing or unfinished."""
+        got = self.views([key], [nbytes])[0]
+        return None if isinstance(got, int) else got
+
+    def views(self, keys: list[str], sizes: list[int]) -> list[Any]:
+        """Mapped segment: for each key a view of its object in place (the record's bytes,
+        no copy), or NOT_FOUND. One master round trip for all keys."""
+        assert self.mapping is not None
+        found = self._store.batch_get_replica_desc(keys)  # logs "Object not found" if missing
+        out: list[Any] = []
+        for key, size in zip(keys, sizes, strict=True):
+            replicas = [r for r in found.get(key, []) if r.is_memory_replica()]
+            if not replicas:
+                out.append(NOT_FOUND)
+                continue
+            buf = replicas[0].get_memory_descriptor().buffer_descriptor
+            out.append(self.mapping.view(int(buf.buffer_address), min(size, int(buf.size))))
+        return out
+
     def get_into(self, key: str, ptr: int, nbytes: int, tries: int = 5) -> int:
         """Bytes read into a registered buffer; negative Mooncake code on failure.
 
@@ -187,7 +230,7 @@ class Objects:
         return n
 
     def get_many(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
-        """`get_into` of several objects in one holder round trip (~0.2 ms saved per object
+        """`get_into` of several objects in one round trip (~0.2 ms saved per object
         here). A key repeated in a batch reports its size for every copy but fills only the
         last buffer, so repeats (a record's twin descriptor) are got one by one, as are
         transient failures."""
@@ -235,23 +278,29 @@ class Objects:
     def close(self) -> None:
         for ptr in list(self._registered):
             self.unregister(ptr)
-        if self.shm and not debug_enabled():
-            with _quiet_stderr():  # a dummy's close logs a harmless "Dummy Client not connected"
-                self._store.close()
-        else:
-            self._store.close()
+        if self.mapping is not None:
+            self.mapping.close()
+        self._store.close()
 
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Silence fd 2 (glog writes there directly, below Python) for the duration."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
+    """Silence fd 2 (glog writes there directly, below Python) for the duration, unless
+    SPECCTL_DEBUG is set."""
+    if debug_enabled():
         yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        return
+    with _FD2:  # one thread at a time: nested saves would restore each other's devnull
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+_FD2 = threading.Lock()

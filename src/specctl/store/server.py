@@ -3,9 +3,9 @@
 One process hosts everything a store is:
 1. a `mooncake_master` child (master.py): object metadata;
 2. the control plane, a `torch.distributed.TCPStore` master on the one published port;
-3. a `mooncake_client` child holding the `--capacity` data segment (master.py), so records
-   survive producer or trainer death; clients on this host reach it over shared memory
-   (put and get are memcpys in that child), others over Mooncake's transfer engine;
+3. a segment child holding the `--capacity` data segment (segment.py), so records survive
+   producer or trainer death; clients on this host map it (a producer writes each record
+   into its object, a trainer reads it in place), others use Mooncake's transfer engine;
 4. a supervisor loop (supervisor.py): reaps the leases and half-done puts of producers
    whose heartbeat stopped, publishes rates; the loop exits when `store down` sets the
    shutdown key.
@@ -106,12 +106,12 @@ class Server:
         self.ctl = Control.host(self.listener)
         seg_log = self.cfg.state_dir / f"segment-{self.port}.log"
         self.segment = mc.start_segment(mhost, self.master.address, self.cfg.capacity, seg_log)
-        self.objects = objects = Objects(self.master.address, shm_via=self.segment.address)
+        self.objects = objects = Objects(self.master.address)  # removes only: no mapping
         self.supervisor.remove = objects.try_remove
         facts = {
             "master": self.master.address,
             "metrics": self.master.metrics_url,
-            "segment": self.segment.address,
+            "segment": self.segment.where.dumps(),
             "segment_pid": self.segment.proc.pid,
             "run": self.run,
             "capacity": self.cfg.capacity,

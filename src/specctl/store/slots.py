@@ -4,10 +4,6 @@ Mooncake's `put_from`/`get_into` need memory registered with the client
 (`register_buffer`, ~0.5 ms for 512 MiB on TCP). Registering per record would be wasteful,
 so buffers live in a small pool: a consumer holds one slot per unacked record (the
 record's tensors are views into it) and gives it back on ack.
-
-Shared-memory clients (objects.py, `Objects.shm`) cannot free a buffer before close, so
-there every slot is kept for reuse and sizes round up to powers of two (at most a few
-distinct sizes, at most 2x the bytes).
 """
 
 from __future__ import annotations
@@ -46,16 +42,9 @@ class Slots:
 
     def new(self, nbytes: int) -> Slot:
         size = max(GRANULE, -(-nbytes // GRANULE) * GRANULE)
-        if self.keep:
-            size = 1 << (size - 1).bit_length()
         slot = Slot(self.objects.allocate(size))
         self.used += 1
         return slot
-
-    @property
-    def keep(self) -> bool:
-        """Buffers cannot be freed early: keep every slot."""
-        return bool(getattr(self.objects, "shm", False))
 
     def take(self, nbytes: int) -> Slot:
         """The smallest free slot that fits, else a new one."""
@@ -70,13 +59,10 @@ class Slots:
     def give(self, slot: Slot) -> None:
         self.used -= 1
         self.free.append(slot)
-        if len(self.free) > KEEP_FREE and not self.keep:
+        if len(self.free) > KEEP_FREE:
             self._unregister(min(self.free, key=lambda s: s.nbytes))
 
     def drop(self, slot: Slot) -> None:
-        if self.keep:
-            self.give(slot)
-            return
         self.used -= 1
         self.objects.unregister(slot.ptr)
 

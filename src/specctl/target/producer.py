@@ -316,7 +316,7 @@ def _produce(
                 aux_hidden=aux,
                 last_hidden=got.last,
                 dtype=dtype,
-                out=sink.buffer(nbytes),
+                out=sink.buffer(nbytes, (epoch, index, t)),
             )
             source = space.pick(cfg.seed, epoch, index).source
             pending.append(_Pending(sink.put(buf, epoch, index, t), seq, t, nbytes, source))

@@ -1,13 +1,15 @@
 """Where packed records go: the store (leases + put) or a folder (`--to-dir`, offline mode).
 
 Both give the producer the same calls: `lease(n)` -> seqs (None when the run is done),
-`buffer(nbytes)` to pack into, `put(buf, epoch, index, T)` -> a future whose result is truthy
-when the put published the sample, `flush()` (wait for puts in flight), `done(seq)`.
+`buffer(nbytes, (epoch, index, T))` to pack into, `put(buf, epoch, index, T)` -> a future
+whose result is truthy when the put published the sample, `flush()` (wait for puts in
+flight), `done(seq)`.
 
 Store: seqs are leased from the control plane, so N producers share one prompt space; a
-producer that dies leaves its unfinished seqs to come back (heartbeat TTL). The put
-is `put_record_async`: the store copies and publishes record n while the producer packs
-n + 1. Its result is None when another producer already published the sample (a re-issued
+producer that dies leaves its unfinished seqs to come back (heartbeat TTL). On the store's
+host the buffer is the sample's object in the mapped segment (the record is packed where
+the trainer reads it); elsewhere the put is `put_record_async`, which transfers and
+publishes record n while the producer packs n + 1. Its result is None when another producer already published the sample (a re-issued
 lease); that counts as done, not as an error.
 A sink also carries the run's `dedup` (store: a run-wide claim on the control plane;
 folder: this producer's set) and, once `lease` returns None, why it stopped (`stopped`).
@@ -41,7 +43,7 @@ TRAINER_GRACE_S = 10.0  # all trainers gone this long: the run is over
 
 
 class RunOver(Exception):
-    """Raised from `put` while waiting for room when the run is over: stop producing."""
+    """Raised from `buffer` while waiting for room when the run is over: stop producing."""
 
 
 class StoreSink:
@@ -105,13 +107,14 @@ class StoreSink:
             time.sleep(1.0)
             now = time.monotonic()
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        return self.client.buffer(nbytes)
+    def buffer(self, nbytes: int, sample: tuple[int, int, int] | None = None) -> torch.Tensor:
+        # Wait for room here, giving up when the run is over; the put then finds room.
+        # On the store's host the buffer is the sample's object itself (packed in place)
+        if not self.client.wait_for_room(nbytes, give_up=self.run_over):
+            raise RunOver(self.stopped or "")
+        return self.client.buffer(nbytes, sample)
 
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Future[Any]:
-        # Wait for room here, giving up when the run is over; the put then finds room
-        if not self.client.wait_for_room(int(buf.numel()), give_up=self.run_over):
-            raise RunOver(self.stopped or "")
         return self.client.put_record_async(buf, epoch=epoch, index=index, T=T)
 
     def flush(self) -> None:
@@ -142,7 +145,7 @@ class LocalSink:
         self.dedup = Dedup()
         self.stopped: str | None = None
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
+    def buffer(self, nbytes: int, sample: tuple[int, int, int] | None = None) -> torch.Tensor:
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]

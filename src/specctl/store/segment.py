@@ -1,0 +1,127 @@
+"""The data segment: one memfd that Mooncake allocates records in and same-host clients map.
+
+The store's segment child (`python -m specctl.store.segment`, spawned by master.py) creates
+a memfd of `--capacity` bytes, mounts it as its Mooncake segment (`mount_segment` of
+`/proc/self/fd/N`: Mooncake maps the file shared), and writes where it lies: its pid, the
+fd, and the address Mooncake mapped it at. Mooncake's master allocates every object in it,
+and remote clients reach it over the transfer engine as before.
+
+A client on the same host opens `/proc/<pid>/fd/<fd>` and maps the same pages (`Mapping`):
+an object's replica descriptor names its address in the holder, so `address - base` is its
+offset in the client's mapping. A producer then writes a record into its object directly
+and a trainer reads it in place: no transfer, no holder round trip, no copy on either side
+beyond packing (objects.py). The pages belong to the memfd, so records outlive producer
+and trainer processes as they did in the holder's anonymous segment; they are faulted in
+on first write (no up-front commit of `--capacity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NAME = "specctl-segment"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the segment lies: the holder's pid and fd, Mooncake's base address, its size."""
+
+    pid: int
+    fd: int
+    base: int
+    size: int
+
+    def dumps(self) -> str:
+        return json.dumps({"pid": self.pid, "fd": self.fd, "base": self.base, "size": self.size})
+
+    @classmethod
+    def loads(cls, text: str) -> Where:
+        obj = json.loads(text)
+        return cls(int(obj["pid"]), int(obj["fd"]), int(obj["base"]), int(obj["size"]))
+
+
+class Mapping:
+    """The segment mapped into this process: tensor views of objects by holder address."""
+
+    def __init__(self, where: Where) -> None:
+        import torch
+
+        self.where = where
+        fd = os.open(f"/proc/{where.pid}/fd/{where.fd}", os.O_RDWR)  # OSError: not this host
+        try:
+            self._mm = mmap.mmap(fd, where.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._all: Any = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def view(self, address: int, nbytes: int) -> Any:
+        """A uint8 tensor over [address, address + nbytes) of the holder's address space."""
+        off = address - self.where.base
+        if off < 0 or off + nbytes > self.where.size:
+            raise ValueError(f"address {address:#x}+{nbytes} is outside the mapped segment")
+        return self._all[off : off + nbytes]
+
+    def close(self) -> None:
+        """Drop our reference; the pages stay mapped while views of them are alive."""
+        self._all = None
+
+
+def _mapped_base(size: int) -> int:
+    """Where Mooncake mapped our memfd (the one mapping of it, `size` bytes)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if f"/memfd:{NAME}" in line:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if hi - lo == size:
+                return lo
+    raise RuntimeError("Mooncake did not map the segment memfd")
+
+
+def hold(master: str, host: str, capacity: int, info: Path) -> None:
+    """Create and mount the segment, write `info` (a `Where`), serve until SIGTERM."""
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+    from mooncake.store import MooncakeDistributedStore
+
+    fd = os.memfd_create(NAME)
+    os.ftruncate(fd, capacity)
+    protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
+    device = os.environ.get("SPECCTL_STORE_DEVICE", "")
+    store = MooncakeDistributedStore()
+    rc = store.setup(host, "P2PHANDSHAKE", 0, 0, protocol, device, master)
+    if rc != 0:
+        sys.exit(f"segment: Mooncake setup against master {master} failed [{rc}]")
+    got = store.mount_segment(f"/proc/self/fd/{fd}", capacity, 0, protocol, "")
+    if int(got.get("ret", -1)) != 0:
+        sys.exit(f"segment: mounting {capacity} bytes failed: {got}")
+    where = Where(os.getpid(), fd, _mapped_base(capacity), capacity)
+    tmp = info.with_suffix(".tmp")
+    tmp.write_text(where.dumps())
+    tmp.replace(info)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="The store's data segment (spawned by the store).")
+    ap.add_argument("--master", required=True)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--capacity", type=int, required=True)
+    ap.add_argument("--info", type=Path, required=True, help="where to write the segment's Where")
+    args = ap.parse_args(argv)
+    hold(args.master, args.host, args.capacity, args.info)
+
+
+if __name__ == "__main__":
+    main()
