@@ -262,9 +262,13 @@ def _check_fields(dtype_code: int, flags: int, T: int, H: int, num_aux: int) -> 
 DESCRIPTOR_MAX_NBYTES = 1024
 
 
-def record_key(run: str, epoch: int, index: int) -> str:
-    """The Mooncake object key of a sample: `{run}/{epoch}/{index}`."""
-    return f"{run}/{epoch}/{index}"
+def record_key(run: str, epoch: int, index: int, put: str) -> str:
+    """The Mooncake object key of one put of a sample: `{run}/{epoch}/{index}/{put}`.
+
+    One object per put, never shared: a sample put twice (a producer presumed dead that
+    published after all) has two objects, so dropping the repeat frees only its own, never
+    the one a trainer is reading in place."""
+    return f"{run}/{epoch}/{index}/{put}"
 
 
 @dataclass(frozen=True)
@@ -287,7 +291,7 @@ class Descriptor:
         """The descriptor of a packed record (ties key, sizes and header CRC together)."""
         return cls(
             v=VERSION,
-            key=record_key(run, header.epoch, header.index),
+            key=record_key(run, header.epoch, header.index, put),
             run=run,
             epoch=header.epoch,
             index=header.index,
@@ -355,5 +359,5 @@ def _check_descriptor(obj: dict) -> None:
             raise RecordError(f"bad descriptor: {name} must be >= 0, got {value}")
     if obj["v"] != VERSION:
         raise RecordError(f"bad descriptor: unsupported version {obj['v']}")
-    if obj["key"] != record_key(obj["run"], obj["epoch"], obj["index"]):
-        raise RecordError(f"bad descriptor: key {obj['key']!r:.80} is not run/epoch/index")
+    if obj["key"] != record_key(obj["run"], obj["epoch"], obj["index"], obj["put"]):
+        raise RecordError(f"bad descriptor: key {obj['key']!r:.80} is not run/epoch/index/put")

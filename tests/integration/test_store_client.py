@@ -168,6 +168,33 @@ def test_an_object_handed_out_to_pack_but_never_put_is_taken_back(tmp_path: Path
         cons.close()
 
 
+def test_a_repeat_from_a_producer_presumed_dead_leaves_the_record_in_training_intact(
+    tmp_path: Path,
+) -> None:
+    """Trainers read records in place: dropping a repeat must free only its own object."""
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        slow, fresh = (Client.connect(st["address"], role="producer") for _ in range(2))
+        first, second = (Client.connect(st["address"], role="trainer") for _ in range(2))
+        slow.run_meta("num_prompts", str(PROMPTS))
+        rec, epoch, index, T = make_record(slow, 0, PROMPTS, placed=True)
+        slow.ctl.delete(keys.pub(epoch, index))  # presumed dead: the reaper drops its claim
+        assert put(fresh, 0, placed=True) is not None  # re-produced and published
+        got = first.next_record(timeout_s=10)  # in training, read in place
+        assert got is not None and sid_seq(got) == 0
+        assert slow.put_record(rec, epoch=epoch, index=index, T=T) is not None  # after all
+        assert second.next_record(timeout_s=2) is None  # the repeat is dropped, and freed
+        for seq in range(1, 5):  # new records take the memory freed so far
+            assert put(fresh, seq, placed=True) is not None
+        check_record(got.record, 0)
+        first.ack([got])
+        rest = drain(second, 4)
+        second.ack(rest)
+        s = second.stats()
+        assert (s["inflight_records"], s["inflight_bytes"], s["puts"], s["repeats"]) == (0, 0, 6, 1)
+        for c in (slow, fresh, first, second):
+            c.close()
+
+
 def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
     tmp_path: Path,
 ) -> None:

@@ -158,8 +158,8 @@ def test_encode_header_refuses_impossible_fields():
 
 
 def descriptor(**kw) -> p.Descriptor:
-    fields = dict(v=1, key="run/3/7", run="run", epoch=3, index=7, nbytes=640, T=5, crc=99,
-                  producer="host:123", put="host:123:0/5")  # fmt: skip
+    fields = dict(v=1, key="run/3/7/host:123:0/5", run="run", epoch=3, index=7, nbytes=640, T=5,
+                  crc=99, producer="host:123", put="host:123:0/5")  # fmt: skip
     fields.update(kw)
     return p.Descriptor(**fields)
 
@@ -180,7 +180,7 @@ def test_descriptor_disagreeing_with_header_is_rejected(field):
     d = p.Descriptor.for_header(h, run="run", producer="host:123", put="host:123:0/5")
     fields = json.loads(d.to_json())
     fields[field] += 1
-    fields["key"] = p.record_key("run", fields["epoch"], fields["index"])
+    fields["key"] = p.record_key("run", fields["epoch"], fields["index"], fields["put"])
     with pytest.raises(RecordError, match=f"{field} "):
         p.Descriptor(**fields).check_matches(h)
 
@@ -197,7 +197,8 @@ def test_descriptor_disagreeing_with_header_is_rejected(field):
         lambda o: o.update(run=None),
         lambda o: o.update(T=-1),
         lambda o: o.update(v=2),
-        lambda o: o.update(key="other/3/7"),
+        lambda o: o.update(key="other/3/7/host:123:0/5"),
+        lambda o: o.update(key="run/3/7"),  # no put: the key of another put
         lambda o: o.update(producer="x" * 1100),
     ],
 )
@@ -216,7 +217,7 @@ def test_descriptor_not_an_object(text):
 
 def test_descriptor_to_json_refuses_oversize():
     with pytest.raises(RecordError, match="bad descriptor"):
-        descriptor(run="r" * 600, key="r" * 600 + "/3/7").to_json()
+        descriptor(run="r" * 600, key="r" * 600 + "/3/7/host:123:0/5").to_json()
 
 
 def test_protocol_imports_stdlib_only():

@@ -35,7 +35,7 @@ def register(ctl: Control, role: str, cid: str) -> None:
 
 def pending_put(ctl: Control, cid: str, epoch: int, index: int, nbytes: int) -> Descriptor:
     """A put as `put_record` leaves it mid-way: claimed and counted in the ledger."""
-    desc = Descriptor(v=1, key=f"r1/{epoch}/{index}", run="r1", epoch=epoch, index=index,
+    desc = Descriptor(v=1, key=f"r1/{epoch}/{index}/{cid}/1", run="r1", epoch=epoch, index=index,
                       nbytes=nbytes, T=4, crc=7, producer="h:1", put=f"{cid}/1")  # fmt: skip
     ctl.claim(keys.pub(epoch, index), desc.put)
     ctl.set(keys.acct(cid), Ledger(2, 3000).begin(desc.to_json(), nbytes).dumps())
@@ -147,7 +147,7 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
     sup = Supervisor(ttl_s=0.2, run="r1", remove=remove)
     register(ctl, "producer", "dead")
     ctl.set("run/num_prompts", "10")
-    pending_put(ctl, "dead", 0, 4, 1000)
+    desc = pending_put(ctl, "dead", 0, 4, 1000)
     ctl.set(keys.lease("dead"), "[4, 5]")
     assert ctl.counters()["inflight_bytes"] == 1000
     t0 = time.monotonic()
@@ -159,7 +159,7 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
     assert ctl.get(keys.lease("dead")) == "[4]"  # held while its key is half-written
     for _ in range(3):
         sup.tick(ctl)
-    assert removed == ["r1/0/4"] * 3
+    assert removed == [desc.key] * 3 and desc.key == "r1/0/4/dead/1"
     assert ctl.get(keys.lease("dead")) is None
     assert ctl.pop_all(keys.RETURNED) == ["4"]  # once its key was gone
     assert ctl.get(keys.pub(0, 4)) is None

@@ -325,7 +325,7 @@ class Client:
             return None
         # the final descriptor (with the header's CRC) replaces this one once packed
         desc = Descriptor(
-            v=PROTOCOL_VERSION, key=record_key(self.run, epoch, index), run=self.run,
+            v=PROTOCOL_VERSION, key=record_key(self.run, epoch, index, token), run=self.run,
             epoch=epoch, index=index, nbytes=nbytes, T=T, crc=0, producer=self.producer,
             put=token,
         )  # fmt: skip

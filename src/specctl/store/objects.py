@@ -9,9 +9,9 @@ evicts unpinned objects at 90% segment use, which would lose training data); the
 Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4):
 - `setup()` blocks ~90 s when the master is down: callers probe the master port first
   (`address.require`) so an unreachable store fails in seconds.
-- `put` on an existing key returns 0 and keeps the old value. Records are deterministic
-  functions of their sample id and each id is claimed on the control plane before its put,
-  so a second put of the same key never carries different data.
+- `put` on an existing key returns 0 and keeps the old value (and a session put answers
+  -705). Keys are unique per put (`{run}/{epoch}/{index}/{put}`), so no put ever meets
+  another's object.
 - Every read grants a lease, so a plain `remove` after a `get` returns -706: we always
   remove with `force=True`. A lease shorter than a transfer fails the read with -707
   (seen with a 1 s TTL on an overloaded 2-core host), so the master keeps a 10 s TTL and
@@ -28,10 +28,10 @@ Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4
   complete, never transferred) and reads the object's address from its replica descriptor;
   the caller then writes the record there (`reserve`). A get reads the descriptors of
   several objects in one call and returns views of them in place (`views`). Mooncake only
-  allocates, tracks and frees: the bytes never pass through a transfer. Codes of the
-  session API: -705 when the key exists (or its session is still open: it is discarded
-  after `--put_start_discard_timeout_sec`), -200 when full. `SPECCTL_STORE_SHM=0` forces
-  the transfer path (TCP, as a client on another host).
+  allocates, tracks and frees: the bytes never pass through a transfer. A replica
+  descriptor appears only once the session ended, so the session ends before the write
+  (our control plane, not Mooncake's readiness, says when a record may be read).
+  `SPECCTL_STORE_SHM=0` forces the transfer path (TCP, as a client on another host).
 - A client without a segment logs a harmless "Local segment descriptor not found" at
   `setup`: fd 2 is silenced around it unless SPECCTL_DEBUG is set.
 """
@@ -76,7 +76,6 @@ ERRORS: dict[int, str] = {
 }
 FULL = -200
 NOT_FOUND = -704
-EXISTS = -705
 TRANSIENT = (-703, -707)
 
 
@@ -171,35 +170,27 @@ class Objects:
 
     def reserve(self, key: str, nbytes: int, *, wait_s: float = 600.0) -> tuple[Any, int]:
         """Mapped segment: a hard-pinned object of nbytes for `key`, as a view to write the
-        record into, and the -200 retries it took. An object left by a put that died
-        before publishing is reused; one whose session is still open waits until the
-        master discards it."""
+        record into, and the -200 (full) retries it took. Keys are unique per put."""
         assert self.mapping is not None
         deadline = time.monotonic() + wait_s
         retries, delay = 0, 0.01
         while True:
             rc = int(self._store.batch_put_session_start([key], [nbytes], self._pin)[0])
-            if rc == 0:
-                check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
-            elif rc not in (FULL, EXISTS):
+            if rc != FULL:
                 check(rc, f"put {key!r} ({nbytes} bytes)")
-            if rc in (0, EXISTS):
-                view = self.view_of(key, nbytes)
-                if view is not None:
-                    return view, retries
+                check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
+                view = self.views([key], [nbytes])[0]
+                if isinstance(view, int):
+                    raise StoreError(f"put {key!r}: the reserved object is {describe(view)}")
+                return view, retries
             if time.monotonic() > deadline:
                 raise StoreError(
                     f"put {key!r}: store stayed full for {wait_s:.0f}s",
                     hint="is a consumer running and acking? or raise --capacity",
                 )
-            retries += rc == FULL
+            retries += 1
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
-
-    def view_of(self, key: str, nbytes: int) -> Any:
-        """Mapped segment: a view of `key`'s nbytes; None while it is missing or unfinished."""
-        got = self.views([key], [nbytes])[0]
-        return None if isinstance(got, int) else got
 
     def views(self, keys: list[str], sizes: list[int]) -> list[Any]:
         """Mapped segment: for each key a view of its object in place (the record's bytes,

@@ -12,12 +12,12 @@ exact (tests/integration/test_store_e2e.py kills a producer at every point of a 
 If it was only slow and publishes after all, the consumers' delivery claim
 (`got/<epoch>/<index>`) still hands each sample out once.
 
-Mooncake trap: a put interrupted by the producer's death leaves the key half-written:
-`remove` and `get_into` answer -703 (replica not ready) and a new `put` of the key returns 0
-without writing, until the master discards it (`--put_start_discard_timeout_sec`, set
-short in master.py). So such a seq is held back here, and returned to the pool only once
-its key could be removed (it stays in the dead producer's lease key meanwhile, so other
-producers wait for it); otherwise its re-production would publish an empty object.
+Mooncake trap: a put interrupted by the producer's death can leave its object half-written:
+`remove` and `get_into` answer -703 (replica not ready) until the master discards it
+(`--put_start_discard_timeout_sec`, set short in master.py). Such a seq is held back here
+(in the dead producer's lease key, so other producers wait for it) and returned to the pool
+once the object could be removed, so the dead put's leftovers are always freed. (Object
+keys are unique per put, so a re-production could not collide with them anyway.)
 """
 
 from __future__ import annotations
@@ -77,17 +77,17 @@ class Supervisor:
             claim = ctl.get(keys.pub(epoch, index)) or ""
             if claim.startswith(cid + "/") and not claim.endswith(keys.PUBLISHED):
                 ctl.delete(keys.pub(epoch, index))
-            if stuck == (epoch, index):
-                self.held[f"{self.run}/{epoch}/{index}"] = (cid, seq)
+            if stuck is not None and stuck[0] == (epoch, index):
+                self.held[stuck[1]] = (cid, seq)
             else:
                 back.append(seq)
         ctl.push_seqs(back if prompts else seqs)
         self._write_lease(ctl, cid)
         ctl.count("requeued", len(seqs))
 
-    def _settle_put(self, ctl: Control, cid: str) -> tuple[int, int] | None:
-        """Finish or take back a dead producer's put in progress; the sample id if its key is
-        half-written (held until it can be removed)."""
+    def _settle_put(self, ctl: Control, cid: str) -> tuple[tuple[int, int], str] | None:
+        """Finish or take back a dead producer's put in progress; the sample id and object
+        key if that is half-written (held until it can be removed)."""
         ledger = ctl.ledger(cid)
         if not ledger.phase:
             return None
@@ -103,7 +103,7 @@ class Supervisor:
         stuck = None
         if ours:
             rc = self.remove(desc.key) if self.remove else 0
-            stuck = (desc.epoch, desc.index) if rc not in (0, NOT_FOUND) else None
+            stuck = ((desc.epoch, desc.index), desc.key) if rc not in (0, NOT_FOUND) else None
         ctl.set(keys.acct(cid), ledger.undone(desc.nbytes).dumps())
         return stuck
 
