@@ -81,9 +81,14 @@ def test_head_matmul_choice() -> None:
     assert precision.matmul_dtype("fp32", "cpu", 576, 8192)[0] is None
     assert precision.matmul_dtype("bf16", "cpu", 576, 8192)[0] is torch.bfloat16
     assert precision.matmul_dtype("auto", "cuda", 576, 8192) == (None, {"dtype": "weights"})
-    # a test-sized head: under a millisecond, nothing to win, fp32 kept whatever the ratio
-    dtype, info = precision.matmul_dtype("auto", "cpu", 16, 64)
-    assert dtype is None and info["dtype"] == "fp32" and info["fp32_ms"] < precision.MIN_MS
-    dtype, info = precision.matmul_dtype("auto", "cpu", 576, 8192)
-    wins = info["bf16_ms"] < precision.MARGIN * info["fp32_ms"]
-    assert (dtype is torch.bfloat16) == wins and info["dtype"] == ("bf16" if wins else "fp32")
+    # auto times both on a test-sized head (under a millisecond on an idle box: fp32 kept)
+    # and a SmolLM2-sized one; its answer follows the rule on the times it reports (rounded
+    # to 0.01 ms). Which dtype wins depends on the CPU and its load, so only the rule is checked
+    for h, v in ((16, 64), (576, 8192)):
+        dtype, info = precision.matmul_dtype("auto", "cpu", h, v)
+        assert info["dtype"] == ("bf16" if dtype is torch.bfloat16 else "fp32")
+        fp32, bf16, slack = info["fp32_ms"], info["bf16_ms"], 0.01
+        if dtype is torch.bfloat16:
+            assert fp32 >= precision.MIN_MS - slack and bf16 < precision.MARGIN * fp32 + slack
+        else:
+            assert fp32 < precision.MIN_MS + slack or bf16 >= precision.MARGIN * fp32 - slack
