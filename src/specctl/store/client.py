@@ -8,8 +8,10 @@ queued records are fetched up to `read_ahead` at a time in one batched get.
 
 A `Received.record` is views of the object in the mapped segment (same host) or of a
 receive slot filled by Mooncake `get_into` (a registered buffer); it stays valid until it
-is acked (or `release()`d), after which the object is freed or the slot reused. In-flight bytes (put, not yet acked) are what the producers' ledgers (ledger.py)
-counted minus what consumers drained: `put_record` waits while they are above the high
+is acked (or `release()`d), after which the object is freed or the slot reused.
+
+In-flight bytes (put, not yet acked) are what the producers' ledgers (ledger.py) counted
+minus what consumers drained: `put_record` waits while they are above the high
 watermark until they drop to the low one, and Mooncake's -200 (full) is waited out too,
 so a slow trainer slows producers and nothing is dropped.
 
@@ -280,21 +282,20 @@ class Client:
                 f"record header is ({header.epoch}, {header.index}, T={header.T}), "
                 f"put_record was told ({epoch}, {index}, T={T})"
             )
-        placed, self._placed = self._placed, None
+        placed = self._placed
         if placed is not None and placed.buf.data_ptr() == buf.data_ptr():
             if header.total_nbytes != placed.nbytes:
-                self._placed = placed
                 raise RecordError(
                     f"record of {header.total_nbytes} bytes packed into a {placed.nbytes}-byte "
                     "buffer(..., sample)"
                 )
+            self._placed = None
             desc = Descriptor.for_header(
                 header, run=self.run, producer=self.producer, put=placed.desc.put
             )
             placed.desc, placed.text = desc, desc.to_json()
             return placed
-        self._placed = placed
-        self._abandon()
+        self._abandon()  # an object handed out for another record is not used
         nbytes = header.total_nbytes
         put = self._claim_sample(epoch, index, T, nbytes)
         if put is None:
@@ -339,9 +340,9 @@ class Client:
         ctl.delete(keys.pub(put.desc.epoch, put.desc.index))
 
     def _copy_and_publish(self, put: _Put, ctl: Control) -> Descriptor:
-        """4. put from the registered buffer; 5. publish, then mark the claim published
-        (the reaper keeps marked claims): a producer dying in between leaves a whole object
-        the reaper publishes for it."""
+        """Write the record into its object (unless packed there), then publish and mark
+        the claim published (the reaper keeps marked claims): a producer dying in between
+        leaves a whole object the reaper publishes for it."""
         desc, nbytes = put.desc, put.nbytes
         pub = keys.pub(desc.epoch, desc.index)
         try:
@@ -379,6 +380,7 @@ class Client:
         that dies waiting leaves nothing for the reaper to undo."""
         self._write_ledger(self._ledger.begin(desc, nbytes))
         if self._fits(nbytes):
+            self._unseen += nbytes
             return
         cur = self._read_room()
         if cur == nbytes or cur <= self.high_wm:
@@ -410,10 +412,7 @@ class Client:
         reading of in-flight bytes: puts take up to a quarter of the room seen then before
         reading again (a round trip per put saved). A few producers together stay below the
         watermark; many may overshoot it, and then a full segment makes puts wait."""
-        if self._unseen + nbytes > self._room // 4:
-            return False
-        self._unseen += nbytes
-        return True
+        return self._unseen + nbytes <= self._room // 4
 
     def _read_room(self) -> int:
         """In-flight bytes now, noted as the room `_fits` goes by."""
@@ -454,8 +453,8 @@ class Client:
         handed out by the following calls; each is claimed only when handed out, and
         `close` queues the rest again. At most half of what is left queued is taken ahead,
         so at the end of a run another consumer (a trainer rank waiting for its micro-batch)
-        is not left without records while this one holds them. A corrupt or vanished record is
-        logged, removed and its sample handed back to the producers; the next one is tried.
+        is not left without records while this one holds them. A corrupt or vanished record
+        is logged, removed and its sample handed back to the producers; the next is tried.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -529,7 +528,7 @@ class Client:
         taken = [self.slots.take(d.nbytes) for d in descs]
         try:
             sizes = self.objects.get_many(
-                [d.key for d in descs], [s.ptr for s in taken], [d.nbytes for d in descs]
+                [d.key for d in descs], [s.ptr for s in taken], [s.nbytes for s in taken]
             )
         except BaseException:
             for slot in taken:

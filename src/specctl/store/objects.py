@@ -34,6 +34,8 @@ Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4
   `SPECCTL_STORE_SHM=0` forces the transfer path (TCP, as a client on another host).
 - A client without a segment logs a harmless "Local segment descriptor not found" at
   `setup`: fd 2 is silenced around it unless SPECCTL_DEBUG is set.
+- The transfer engine's own listeners bind the wildcard address whatever we pass
+  (a Mooncake limitation); the master and the control plane bind only `--host`.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Objects:
         # and SPECCTL_STORE_DEVICE=<NIC names, e.g. mlx5_0>; tcp otherwise.
         protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
         device = os.environ.get("SPECCTL_STORE_DEVICE", "")
-        with _quiet_stderr():
+        with quiet_stderr():
             rc = self._store.setup(host, "P2PHANDSHAKE", segment_bytes, 0, protocol, device, master)
         if rc != 0:
             raise StoreError(f"Mooncake setup against master {master} failed [{rc}]")
@@ -275,7 +277,7 @@ class Objects:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """Silence fd 2 (glog writes there directly, below Python) for the duration, unless
     SPECCTL_DEBUG is set."""
     if debug_enabled():

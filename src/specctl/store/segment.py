@@ -1,26 +1,28 @@
 """The data segment: one memfd that Mooncake allocates records in and same-host clients map.
 
 The store's segment child (`python -m specctl.store.segment`, spawned by master.py) creates
-a memfd of `--capacity` bytes, mounts it as its Mooncake segment (`mount_segment` of
-`/proc/self/fd/N`: Mooncake maps the file shared), and writes where it lies: its pid, the
-fd, and the address Mooncake mapped it at. Mooncake's master allocates every object in it,
-and remote clients reach it over the transfer engine as before.
+a memfd of `--capacity` bytes with a random name, mounts it as its Mooncake segment
+(`mount_segment` of `/proc/self/fd/N`: Mooncake maps the file shared), and writes where it
+lies (`Where`): its pid, the fd, the name, the address Mooncake mapped it at. Mooncake's
+master allocates every object in it; remote clients reach it over the transfer engine.
 
-A client on the same host opens `/proc/<pid>/fd/<fd>` and maps the same pages (`Mapping`):
-an object's replica descriptor names its address in the holder, so `address - base` is its
-offset in the client's mapping. A producer then writes a record into its object directly
-and a trainer reads it in place: no transfer, no holder round trip, no copy on either side
-beyond packing (objects.py). The pages belong to the memfd, so records outlive producer
-and trainer processes as they did in the holder's anonymous segment; they are faulted in
-on first write (no up-front commit of `--capacity`).
+A client on the same host opens `/proc/<pid>/fd/<fd>`, checks it is that memfd (another
+pid namespace may have another file there), and maps the same pages (`Mapping`): an
+object's replica descriptor names its address in the holder, so `address - base` is its
+offset in the client's mapping. A producer writes a record into its object directly and a
+trainer reads it in place: no transfer, no holder round trip, no copy beyond packing
+(objects.py). The pages belong to the memfd, so records outlive producer and trainer
+processes; they are faulted in on first write (no up-front commit of `--capacity`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import mmap
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -28,25 +30,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specctl.errors import StoreError
+
 NAME = "specctl-segment"
 
 
 @dataclass(frozen=True)
 class Where:
-    """Where the segment lies: the holder's pid and fd, Mooncake's base address, its size."""
+    """Where the segment lies: the holder's pid and fd, Mooncake's base address, its size,
+    and the memfd's name (random: the fd a client opens is checked to be this one)."""
 
     pid: int
     fd: int
     base: int
     size: int
+    name: str
 
     def dumps(self) -> str:
-        return json.dumps({"pid": self.pid, "fd": self.fd, "base": self.base, "size": self.size})
+        return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def loads(cls, text: str) -> Where:
         obj = json.loads(text)
-        return cls(int(obj["pid"]), int(obj["fd"]), int(obj["base"]), int(obj["size"]))
+        return cls(int(obj["pid"]), int(obj["fd"]), int(obj["base"]), int(obj["size"]),
+                   str(obj["name"]))  # fmt: skip
 
 
 class Mapping:
@@ -56,7 +63,11 @@ class Mapping:
         import torch
 
         self.where = where
-        fd = os.open(f"/proc/{where.pid}/fd/{where.fd}", os.O_RDWR)  # OSError: not this host
+        path = f"/proc/{where.pid}/fd/{where.fd}"
+        # another host, user or pid namespace: no such file, no access, or another file
+        if not os.readlink(path).startswith(f"/memfd:{where.name} "):
+            raise OSError(f"{path} is not the store's segment")
+        fd = os.open(path, os.O_RDWR)
         try:
             self._mm = mmap.mmap(fd, where.size, mmap.MAP_SHARED)
         finally:
@@ -66,8 +77,8 @@ class Mapping:
     def view(self, address: int, nbytes: int) -> Any:
         """A uint8 tensor over [address, address + nbytes) of the holder's address space."""
         off = address - self.where.base
-        if off < 0 or off + nbytes > self.where.size:
-            raise ValueError(f"address {address:#x}+{nbytes} is outside the mapped segment")
+        if off < 0 or off + nbytes > self.where.size:  # an object in another segment
+            raise StoreError(f"object at {address:#x}+{nbytes} is outside the store's segment")
         return self._all[off : off + nbytes]
 
     def close(self) -> None:
@@ -75,10 +86,10 @@ class Mapping:
         self._all = None
 
 
-def _mapped_base(size: int) -> int:
+def _mapped_base(name: str, size: int) -> int:
     """Where Mooncake mapped our memfd (the one mapping of it, `size` bytes)."""
     for line in Path("/proc/self/maps").read_text().splitlines():
-        if f"/memfd:{NAME}" in line:
+        if f"/memfd:{name} " in line:
             lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
             if hi - lo == size:
                 return lo
@@ -90,7 +101,8 @@ def hold(master: str, host: str, capacity: int, info: Path) -> None:
     os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
     from mooncake.store import MooncakeDistributedStore
 
-    fd = os.memfd_create(NAME)
+    name = f"{NAME}-{secrets.token_hex(8)}"
+    fd = os.memfd_create(name)
     os.ftruncate(fd, capacity)
     protocol = os.environ.get("SPECCTL_STORE_PROTOCOL", "tcp")
     device = os.environ.get("SPECCTL_STORE_DEVICE", "")
@@ -101,7 +113,7 @@ def hold(master: str, host: str, capacity: int, info: Path) -> None:
     got = store.mount_segment(f"/proc/self/fd/{fd}", capacity, 0, protocol, "")
     if int(got.get("ret", -1)) != 0:
         sys.exit(f"segment: mounting {capacity} bytes failed: {got}")
-    where = Where(os.getpid(), fd, _mapped_base(capacity), capacity)
+    where = Where(os.getpid(), fd, _mapped_base(name, capacity), capacity, name)
     tmp = info.with_suffix(".tmp")
     tmp.write_text(where.dumps())
     tmp.replace(info)
