@@ -12,6 +12,7 @@ import pytest
 from specctl.errors import RecordError, StoreError, StoreUnavailable
 from specctl.store import Client
 from specctl.store import control as keys
+from specctl.store.leases import Lease
 from tests.conftest import run_cli
 from tests.integration.store_worker import check_record, make_record, running_store, tokens
 
@@ -34,6 +35,16 @@ def publish(client: Client, n: int) -> None:
     for seq in lease.seqs:
         assert put(client, seq) is not None
         lease.done(seq)
+
+
+def leased(st: dict, n: int) -> tuple[Client, Client, Lease]:
+    """A producer and a trainer of the store `st`; the producer leased the first n seqs."""
+    prod = Client.connect(st["address"], role="producer")
+    cons = Client.connect(st["address"], role="trainer")
+    prod.run_meta("num_prompts", str(PROMPTS))
+    lease = prod.lease_prompts(n, limit=PROMPTS)
+    assert lease is not None and lease.seqs == list(range(n))
+    return prod, cons, lease
 
 
 def drain(client: Client, n: int) -> list:
@@ -144,11 +155,7 @@ def test_mapped_and_tcp_clients_share_one_segment(
 
 def test_an_object_handed_out_to_pack_but_never_put_is_taken_back(tmp_path: Path) -> None:
     with running_store(tmp_path, "--capacity", "64MiB") as st:
-        prod = Client.connect(st["address"], role="producer")
-        cons = Client.connect(st["address"], role="trainer")
-        prod.run_meta("num_prompts", str(PROMPTS))
-        lease = prod.lease_prompts(2, limit=PROMPTS)
-        assert lease is not None
+        prod, cons, lease = leased(st, 2)
         first, second = lease.seqs
         make_record(prod, first, PROMPTS, placed=True)  # packed into its object, never put
         assert prod.stats()["inflight_records"] == 1
@@ -247,11 +254,7 @@ def test_records_fetched_ahead_are_queued_again_when_their_consumer_closes(
 
 def test_async_puts_pack_beside_the_copy_and_publish_every_record(tmp_path: Path) -> None:
     with running_store(tmp_path, "--capacity", "64MiB") as st:
-        prod = Client.connect(st["address"], role="producer")
-        cons = Client.connect(st["address"], role="trainer")
-        prod.run_meta("num_prompts", str(PROMPTS))
-        lease = prod.lease_prompts(5, limit=PROMPTS)
-        assert lease is not None and lease.seqs == [0, 1, 2, 3, 4]
+        prod, cons, lease = leased(st, 5)
         seqs = sorted(lease.seqs, key=tokens)  # growing sizes: the buffers grow on the way
         # 1. each record is packed into the buffer the put in flight is not copying from
         puts, ptrs = [], []

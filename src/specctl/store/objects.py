@@ -45,7 +45,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from specctl.console import debug_enabled
@@ -154,37 +154,32 @@ class Objects:
 
     def put(self, key: str, ptr: int, nbytes: int, *, wait_s: float = 600.0) -> int:
         """Hard-pinned put from a registered buffer; retries on -200 (full). Returns retries."""
-        deadline = time.monotonic() + wait_s
-        retries, delay = 0, 0.01
-        while True:
-            rc = self._store.put_from(key, ptr, nbytes, self._pin)
-            if rc != FULL:
-                check(rc, f"put {key!r} ({nbytes} bytes)")
-                return retries
-            if time.monotonic() > deadline:
-                raise StoreError(
-                    f"put {key!r}: store stayed full for {wait_s:.0f}s",
-                    hint="is a consumer running and acking? or raise --capacity",
-                )
-            retries += 1
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        return self._while_full(
+            key, nbytes, wait_s, lambda: int(self._store.put_from(key, ptr, nbytes, self._pin))
+        )
 
     def reserve(self, key: str, nbytes: int, *, wait_s: float = 600.0) -> tuple[Any, int]:
         """Mapped segment: a hard-pinned object of nbytes for `key`, as a view to write the
         record into, and the -200 (full) retries it took. Keys are unique per put."""
         assert self.mapping is not None
+        retries = self._while_full(
+            key,
+            nbytes,
+            wait_s,
+            lambda: int(self._store.batch_put_session_start([key], [nbytes], self._pin)[0]),
+        )
+        check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
+        view = self.views([key], [nbytes])[0]
+        if isinstance(view, int):
+            raise StoreError(f"put {key!r}: the reserved object is {describe(view)}")
+        return view, retries
+
+    def _while_full(self, key: str, nbytes: int, wait_s: float, attempt: Callable[[], int]) -> int:
+        """`attempt()` again while it answers -200 (full: back-pressure, not failure), up to
+        wait_s; raises on any other error. Returns the retries."""
         deadline = time.monotonic() + wait_s
         retries, delay = 0, 0.01
-        while True:
-            rc = int(self._store.batch_put_session_start([key], [nbytes], self._pin)[0])
-            if rc != FULL:
-                check(rc, f"put {key!r} ({nbytes} bytes)")
-                check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
-                view = self.views([key], [nbytes])[0]
-                if isinstance(view, int):
-                    raise StoreError(f"put {key!r}: the reserved object is {describe(view)}")
-                return view, retries
+        while (rc := attempt()) == FULL:
             if time.monotonic() > deadline:
                 raise StoreError(
                     f"put {key!r}: store stayed full for {wait_s:.0f}s",
@@ -193,6 +188,8 @@ class Objects:
             retries += 1
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
+        check(rc, f"put {key!r} ({nbytes} bytes)")
+        return retries
 
     def views(self, keys: list[str], sizes: list[int]) -> list[Any]:
         """Mapped segment: for each key a view of its object in place (the record's bytes,
