@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,8 @@ def test_bad_inputs_are_one_line_errors(data: dict[str, Path], tmp_path: Path) -
 def test_nproc_relaunches_under_torchrun_and_plan_starts_nothing(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
+    temp = Path(tempfile.gettempdir())
+    before = {*temp.glob("torchelastic_*"), *temp.glob("specctl-torchrun-*")}
     s = train(
         common(
             data,
@@ -267,6 +270,8 @@ def test_nproc_relaunches_under_torchrun_and_plan_starts_nothing(
         )
     )
     assert (s["world"], s["steps"], s["samples"]) == (2, 2, 4)
+    after = {*temp.glob("torchelastic_*"), *temp.glob("specctl-torchrun-*")}
+    assert after <= before  # torchrun's log dir went with it
     plan = run_cli(*common(data, tmp_path / "plan", "--plan", "--set", "optim.lr=3e-4"), env=ENV)
     assert plan.returncode == 0, plan.stderr
     resolved = json.loads(plan.stdout)["plan"]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `specctl ARGV` (minus --nproc) as N torchrun ranks; returns torchrun's exit code."""
+    """Run `specctl ARGV` (minus --nproc) as N torchrun ranks; returns torchrun's exit code.
+
+    torchrun's agent makes a `torchelastic_*` log dir in the temp dir and never removes it:
+    it gets one of ours, removed when torchrun exits."""
     args, skip = [], False
     for a in argv:
         if skip:
@@ -17,16 +21,18 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
         elif not a.startswith("--nproc="):
             args.append(a)
     code = "import sys; from specctl.cli import main; sys.argv[0] = 'specctl'; main()"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "--no-python",
-        sys.executable,
-        "-c",
-        code,
-        *args,
-    ]
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="specctl-torchrun-") as logs:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            f"--log-dir={logs}",
+            "--no-python",
+            sys.executable,
+            "-c",
+            code,
+            *args,
+        ]
+        return subprocess.call(cmd)
