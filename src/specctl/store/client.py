@@ -50,7 +50,7 @@ from typing import Any
 from specctl.console import log
 from specctl.errors import RecordError, StoreError, StoreUnavailable
 from specctl.protocol import VERSION as PROTOCOL_VERSION
-from specctl.protocol import Descriptor, parse_header, record_key
+from specctl.protocol import Descriptor, RecordHeader, parse_header, record_key
 from specctl.store import control as keys
 from specctl.store.address import is_loopback, parse, require
 from specctl.store.control import Control
@@ -297,13 +297,9 @@ class Client:
             return placed
         self._abandon()  # an object handed out for another record is not used
         nbytes = header.total_nbytes
-        put = self._claim_sample(epoch, index, T, nbytes)
+        put = self._claim_sample(epoch, index, T, nbytes, header)
         if put is None:
             return None
-        put.desc = Descriptor.for_header(
-            header, run=self.run, producer=self.producer, put=put.desc.put
-        )
-        put.text = put.desc.to_json()  # the ledger takes it when the object is written
         buf = buf.reshape(-1)[:nbytes]
         put.buf, put.slot = buf, self._registered(buf, nbytes)
         if put.slot is None and not self.objects.mapped:  # a transfer needs a registered
@@ -312,9 +308,12 @@ class Client:
             put.buf, put.slot = staged, self._registered(staged, nbytes)
         return put
 
-    def _claim_sample(self, epoch: int, index: int, T: int, nbytes: int) -> _Put | None:
+    def _claim_sample(
+        self, epoch: int, index: int, T: int, nbytes: int, header: RecordHeader | None = None
+    ) -> _Put | None:
         """Claim the publication of a sample (None: another producer has it) and count its
-        put in our ledger, waiting while in-flight bytes are too high."""
+        put in our ledger, waiting while in-flight bytes are too high. Without the packed
+        record's `header` (not packed yet) the descriptor lacks its CRC until the put."""
         if nbytes > self.capacity:
             raise StoreError(
                 f"record of {nbytes} bytes exceeds the store capacity {self.capacity}",
@@ -324,12 +323,14 @@ class Client:
         token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
-        # the final descriptor (with the header's CRC) replaces this one once packed
-        desc = Descriptor(
-            v=PROTOCOL_VERSION, key=record_key(self.run, epoch, index, token), run=self.run,
-            epoch=epoch, index=index, nbytes=nbytes, T=T, crc=0, producer=self.producer,
-            put=token,
-        )  # fmt: skip
+        if header is not None:
+            desc = Descriptor.for_header(header, run=self.run, producer=self.producer, put=token)
+        else:  # replaced by the header's once packed (`_claim_put`)
+            desc = Descriptor(
+                v=PROTOCOL_VERSION, key=record_key(self.run, epoch, index, token), run=self.run,
+                epoch=epoch, index=index, nbytes=nbytes, T=T, crc=0, producer=self.producer,
+                put=token,
+            )  # fmt: skip
         put = _Put(desc, desc.to_json(), None, None, nbytes)
         self._reserve(put.text, nbytes)
         return put

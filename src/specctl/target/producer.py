@@ -247,7 +247,7 @@ def _loop(
 
 @dataclass
 class _Pending:
-    """A put in flight (the store copies and publishes it while the next record is packed)."""
+    """A put whose future may not be done yet (a transfer runs while the next record is packed)."""
 
     future: Any  # its result is truthy when this put published the sample
     seq: int
@@ -302,7 +302,8 @@ def _produce(
                 sink.done(seq)
         seqs, ids, samples = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         # 3. one capture pass for the lease; 4. pack each into the sink's buffer and put it
-        #    (the store copies record n while record n + 1 is packed)
+        #    (on the store's host, its object; elsewhere record n is transferred while n + 1
+        #    is packed)
         captured = engine.capture(samples) if samples else []
         for seq, (epoch, index), got in zip(seqs, ids, captured, strict=True):
             t = len(got.input_ids)

@@ -9,8 +9,8 @@ Store: seqs are leased from the control plane, so N producers share one prompt s
 producer that dies leaves its unfinished seqs to come back (heartbeat TTL). On the store's
 host the buffer is the sample's object in the mapped segment (the record is packed where
 the trainer reads it); elsewhere the put is `put_record_async`, which transfers and
-publishes record n while the producer packs n + 1. Its result is None when another producer already published the sample (a re-issued
-lease); that counts as done, not as an error.
+publishes record n while the producer packs n + 1. Its result is None when another producer
+already published the sample (a re-issued lease); that counts as done, not as an error.
 A sink also carries the run's `dedup` (store: a run-wide claim on the control plane;
 folder: this producer's set) and, once `lease` returns None, why it stopped (`stopped`).
 
