@@ -34,7 +34,7 @@ constexpr int kBf16 = 1, kFp32 = 2;       // protocol dtype codes
 constexpr size_t kStreamBytes = 512;      // per-stream block of the 3-way hardware CRC
 constexpr size_t kBlockBytes = 4096;      // output staged in L1 before CRC and copy-out
 uint64_t g_stream_min = 32 << 20;  // hidden bytes from which stores bypass the cache
-constexpr size_t kBytesPerThread = 16 << 20;  // hidden bytes per extra thread
+constexpr size_t kBytesPerThread = 2 << 20;  // hidden bytes per extra thread
 constexpr size_t kPrefetch = 2048;  // bytes ahead for software prefetch
 
 // ------------------------------------------------------------------ CRC32C primitives
