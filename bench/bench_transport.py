@@ -14,7 +14,9 @@ trainer takes all n (rows are timed put phase + get phase, run interleaved, medi
 - raw zero-copy: tensors copied into a registered buffer -> `put_from`; `get_into` a
   registered buffer -> tensor views, `batch_remove(force)` (no control plane, no checks);
 - specctl: `pack_record` (native gather + CRC32C) into `Client.buffer(nbytes, sample)`,
-  on this host the sample's object in the mapped segment -> `put_record_async` (publishes);
+  on this host the sample's object in the mapped segment, the objects of a capture batch of
+  LEASE records reserved at once (`Client.prepare`, as serve-target does, up to 64 MiB)
+  -> `put_record_async` (publishes);
   `next_record` (views of queued records in place, CRC check) -> `ack`: control plane,
   pinning, exactly-once.
 
@@ -57,6 +59,7 @@ from specctl.store.objects import describe, quiet_stderr
 MiB = 1 << 20
 K = 3
 GROUP = 8  # records a trainer holds per optimizer step: acked / removed together
+LEASE = 16  # records a producer captures per batch (serve-target's --lease-size default)
 SHAPES = (576, 4096, 7168)  # SmolLM2-135M, Llama-3-8B, DeepSeek-V3 hidden sizes
 Sample = dict[str, torch.Tensor]
 
@@ -186,7 +189,9 @@ def _specctl(
     t0 = time.perf_counter()
     puts = []
     for i in range(n):  # as serve-target: packed into its object (same host), then published
-        out = prod.buffer(nb, (0, base + i, T))  # claims, counts, reserves the object
+        if i % LEASE == 0:  # a capture batch: its puts begin at once (up to PREPARE_BYTES)
+            prod.prepare([(nb, (0, base + j, T)) for j in range(i, min(i + LEASE, n))])
+        out = prod.buffer(nb, (0, base + i, T))  # prepared, or claims, counts, reserves
         tp = time.perf_counter()
         rec = pack_record(epoch=0, index=base + i, input_ids=s["input_ids"],
                           loss_mask=s["loss_mask"], aux_hidden=s["aux"], last_hidden=s["last"],

@@ -56,6 +56,17 @@ def make_record(
     return rec, epoch, index, T
 
 
+def prepared(client: Client, seqs: list[int], num_prompts: int) -> int:
+    """`client.prepare` the puts of seqs, as serve-target does for a capture batch."""
+    records = []
+    for seq in seqs:
+        epoch, index = divmod(seq, num_prompts)
+        records.append(
+            (record_nbytes(tokens(seq), H, K, torch.bfloat16), (epoch, index, tokens(seq)))
+        )
+    return client.prepare(records)
+
+
 def check_record(record, seq: int) -> None:
     """The received views equal what the producer packed for this seq."""
     T = tokens(seq)
@@ -110,14 +121,25 @@ def produce(args: argparse.Namespace) -> dict:
             return buffer(*a, **kw)  # type: ignore[arg-type]
 
         client.put_record = put_then_die  # type: ignore[method-assign]
-        if args.placed:  # the put begins in `buffer`: claim, ledger, room, object
+        if args.prepare:  # the batch's puts begin in `prepare`: claims, ledger, room, objects
+            prepare = client.prepare
+
+            def prepare_then_die(*a: object, **kw: object) -> object:
+                proxy.armed, proxy.n = True, args.die_after
+                return prepare(*a, **kw)  # type: ignore[arg-type]
+
+            client.prepare = prepare_then_die  # type: ignore[method-assign]
+        elif args.placed:  # the put begins in `buffer`: claim, ledger, room, object
             client.buffer = buffer_then_die  # type: ignore[method-assign]
     published, skipped = [], []
     while (lease := client.lease_prompts(args.batch, limit=args.limit)) is not None:
+        if args.prepare:
+            prepared(client, lease.seqs, args.num_prompts)
         for seq in lease.seqs:
             if args.delay:  # "inference time", while the seq is leased
                 time.sleep(args.delay)
-            rec, epoch, index, T = make_record(client, seq, args.num_prompts, args.placed)
+            placed = args.placed or args.prepare
+            rec, epoch, index, T = make_record(client, seq, args.num_prompts, placed)
             if seq in args.corrupt:
                 args.corrupt.remove(seq)  # corrupt it once: the re-produced one is clean
                 rec[-1] ^= 0xFF if rec[-1] != 0 else 0x01  # last_hidden's last byte
@@ -181,6 +203,7 @@ def main() -> None:
     p.add_argument("--start-after", type=float, default=0.0)
     p.add_argument("--idle-timeout", type=float, default=30.0)
     p.add_argument("--placed", action="store_true", help="pack into the sample's object")
+    p.add_argument("--prepare", action="store_true", help="begin each lease's puts at once")
     p.add_argument("--die-after", type=int, help="SIGKILL itself after the n-th control-plane "
                    "call of its first put (0: before any)")  # fmt: skip
     args = p.parse_args()

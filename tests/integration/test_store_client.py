@@ -13,8 +13,15 @@ from specctl.errors import RecordError, StoreError, StoreUnavailable
 from specctl.store import Client
 from specctl.store import control as keys
 from specctl.store.leases import Lease
+from specctl.store.objects import NOT_FOUND
 from tests.conftest import run_cli
-from tests.integration.store_worker import check_record, make_record, running_store, tokens
+from tests.integration.store_worker import (
+    check_record,
+    make_record,
+    prepared,
+    running_store,
+    tokens,
+)
 
 pytestmark = pytest.mark.integration
 PROMPTS = 10
@@ -173,6 +180,59 @@ def test_an_object_handed_out_to_pack_but_never_put_is_taken_back(tmp_path: Path
         assert (s["inflight_records"], s["inflight_bytes"], s["puts"], s["acks"]) == (0, 0, 2, 2)
         assert cons.next_record(timeout_s=0.5) is None
         cons.close()
+
+
+def test_a_prepared_batch_reserves_its_objects_at_once_and_takes_back_the_unused(
+    tmp_path: Path,
+) -> None:
+    with running_store(tmp_path, "--capacity", "64MiB") as st:
+        prod, cons, _ = leased(st, 9)
+        starts = []
+        session_start = prod.objects._store.batch_put_session_start
+
+        def counted(*a):
+            starts.append(len(a[0]))
+            return session_start(*a)
+
+        prod.objects._store = _Proxy(prod.objects._store, batch_put_session_start=counted)
+        assert prepared(prod, [0, 1, 2, 3], PROMPTS) == 4
+        assert prod.stats()["inflight_records"] == 4  # counted before they are packed
+        for seq in (0, 1):
+            assert put(prod, seq, placed=True) is not None
+        assert starts == [4]  # one reservation for the batch, none per record
+        # the next batch takes back the two prepared and never used: claims free again
+        assert prepared(prod, [4, 5], PROMPTS) == 2
+        assert prod.stats()["inflight_records"] == 2 + 2
+        for seq in (5, 4, 2, 3):  # any order; 2 and 3 one by one
+            assert put(prod, seq, placed=True) is not None
+        assert starts == [4, 2, 1, 1]
+        assert prepared(prod, [6, 7, 8], PROMPTS) == 3
+        assert put(prod, 6) is not None  # packed elsewhere: its prepared object is let go
+        left = [(p.desc.key, p.nbytes) for p in prod._prepared.values()]
+        assert len(left) == 2
+        prod.close()  # takes back what is prepared: objects removed, counts down
+        assert cons.objects.views(*map(list, zip(*left, strict=True))) == [NOT_FOUND] * 2
+        got = drain(cons, 7)
+        assert sorted(map(sid_seq, got)) == list(range(7))
+        for g in got:
+            check_record(g.record, sid_seq(g))
+        cons.ack(got)
+        s = cons.stats()
+        sizes = sum(make_record(None, seq, PROMPTS)[0].numel() for seq in range(7))
+        assert (s["inflight_records"], s["puts"], s["put_bytes"]) == (0, 7, sizes)
+        assert cons.next_record(timeout_s=0.5) is None
+        assert all(cons.ctl.get(keys.pub(0, seq)) is None for seq in (7, 8))
+        cons.close()
+
+
+class _Proxy:
+    """`target` with some of its methods replaced."""
+
+    def __init__(self, target: object, **methods: object) -> None:
+        self._target, self._methods = target, methods
+
+    def __getattr__(self, name: str) -> object:
+        return self._methods.get(name) or getattr(self._target, name)
 
 
 def test_a_repeat_from_a_producer_presumed_dead_leaves_the_record_in_training_intact(

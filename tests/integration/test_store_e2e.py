@@ -97,19 +97,27 @@ def test_killed_producer_loses_and_repeats_nothing(tmp_path: Path) -> None:
         assert s["requeued"] >= 1 and survived["published"], (s, len(survived["published"]))
 
 
-@pytest.mark.parametrize("placed", [False, True], ids=["copied", "packed-in-place"])
-def test_a_kill_at_any_point_of_a_put_leaves_exact_counts(tmp_path: Path, placed: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "batch", "points"),
+    [("copied", 1, 8), ("placed", 1, 8), ("prepare", 3, 9)],
+    ids=["copied", "packed-in-place", "prepared-batch"],
+)
+def test_a_kill_at_any_point_of_a_put_leaves_exact_counts(
+    tmp_path: Path, mode: str, batch: int, points: int
+) -> None:
     """SIGKILL a producer before its put and after each control-plane call of it in turn
     (claim, ledger, in-flight read, object written, ledger, push, mark); the store settles
     each dead put and every sample is delivered once, with every count exact. `placed`: the
-    put begins in `buffer(nbytes, sample)` and the record is packed into its object."""
-    points = 8
+    put begins in `buffer(nbytes, sample)` and the record is packed into its object;
+    `prepare`: the puts of a lease of three begin at once (three claims, one ledger write,
+    their objects reserved), then the first is packed in place and published."""
     n = points + 2
+    flags = {"copied": [], "placed": ["--placed"], "prepare": ["--prepare"]}[mode]
     with running_store(tmp_path, "--capacity", "64MiB", "--lease-ttl", "1") as st:
         store = st["address"]
         for k in range(points + 1):
-            victim = worker("producer", store, "--limit", str(n), "--batch", "1",
-                            "--die-after", str(k), *(["--placed"] if placed else []))  # fmt: skip
+            victim = worker("producer", store, "--limit", str(n), "--batch", str(batch),
+                            "--die-after", str(k), *flags)  # fmt: skip
             _, err = victim.communicate(timeout=120)
             if k < points:
                 assert victim.returncode == -signal.SIGKILL, (k, err[-2000:])

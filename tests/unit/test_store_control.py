@@ -33,14 +33,20 @@ def register(ctl: Control, role: str, cid: str) -> None:
     ctl.register(role, cid)
 
 
-def pending_put(ctl: Control, cid: str, epoch: int, index: int, nbytes: int) -> Descriptor:
-    """A put as `put_record` leaves it mid-way: claimed and counted in the ledger."""
-    desc = Descriptor(v=1, key=f"r1/{epoch}/{index}/{cid}/1", run="r1", epoch=epoch, index=index,
-                      nbytes=nbytes, T=4, crc=7, producer="h:1", put=f"{cid}/1")  # fmt: skip
+def pending_put(
+    ctl: Control, cid: str, epoch: int, index: int, nbytes: int, ledger: Ledger | None = None
+) -> Descriptor:
+    """A put as `put_record` leaves it mid-way: claimed and counted in the ledger (by
+    default one with two earlier puts, acked)."""
+    put = f"{cid}/{index}"
+    desc = Descriptor(v=1, key=f"r1/{epoch}/{index}/{put}", run="r1", epoch=epoch, index=index,
+                      nbytes=nbytes, T=4, crc=7, producer="h:1", put=put)  # fmt: skip
     ctl.claim(keys.pub(epoch, index), desc.put)
-    ctl.set(keys.acct(cid), Ledger(2, 3000).begin(desc.to_json(), nbytes).dumps())
-    ctl.count("drained_bytes", 3000)  # its two earlier puts were acked
-    ctl.count("drained_records", 2)
+    if ledger is None:
+        ledger = Ledger(2, 3000)
+        ctl.count("drained_bytes", 3000)
+        ctl.count("drained_records", 2)
+    ctl.set(keys.acct(cid), ledger.begin([(desc.put, nbytes, desc.to_json())]).dumps())
     return desc
 
 
@@ -159,7 +165,7 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
     assert ctl.get(keys.lease("dead")) == "[4]"  # held while its key is half-written
     for _ in range(3):
         sup.tick(ctl)
-    assert removed == [desc.key] * 3 and desc.key == "r1/0/4/dead/1"
+    assert removed == [desc.key] * 3 and desc.key == "r1/0/4/dead/4"
     assert ctl.get(keys.lease("dead")) is None
     assert ctl.pop_all(keys.RETURNED) == ["4"]  # once its key was gone
     assert ctl.get(keys.pub(0, 4)) is None
@@ -175,7 +181,7 @@ def test_supervisor_publishes_a_put_whose_object_was_whole(ctl: Control) -> None
     register(ctl, "producer", "dead")
     ctl.set("run/num_prompts", "10")
     desc = pending_put(ctl, "dead", 0, 6, 500)
-    ctl.set(keys.acct("dead"), ctl.ledger("dead").written().dumps())  # died publishing
+    ctl.set(keys.acct("dead"), ctl.ledger("dead").written(desc.put).dumps())  # died publishing
     ctl.set(keys.lease("dead"), "[6]")
     t0 = time.monotonic()
     while ctl.get(keys.lease("dead")) is not None:
@@ -187,3 +193,36 @@ def test_supervisor_publishes_a_put_whose_object_was_whole(ctl: Control) -> None
     assert ctl.pop_all(keys.RETURNED) == ["6"]  # re-leased, it loses the marked claim
     assert ctl.ledger("dead") == Ledger(3, 3500)
     assert (ctl.counters()["inflight_records"], ctl.counters()["inflight_bytes"]) == (1, 500)
+
+
+def test_supervisor_settles_each_of_a_prepared_batch(ctl: Control) -> None:
+    """A producer that died with a prepared batch open: the whole one is published, the
+    written-to and the untouched ones taken back (a half-written one held until removable)."""
+    codes = {"r1/0/1/dead/1": iter([-703, 0]), "r1/0/2/dead/2": iter([0])}  # by object key
+    removed: list[str] = []
+
+    def remove(key: str) -> int:
+        removed.append(key)
+        return next(codes[key])
+
+    sup = Supervisor(ttl_s=0.2, run="r1", remove=remove)
+    register(ctl, "producer", "dead")
+    ctl.set("run/num_prompts", "10")
+    whole = pending_put(ctl, "dead", 0, 0, 100)
+    half = pending_put(ctl, "dead", 0, 1, 200, ctl.ledger("dead"))
+    untouched = pending_put(ctl, "dead", 0, 2, 400, ctl.ledger("dead"))
+    ctl.set(keys.acct("dead"), ctl.ledger("dead").written(whole.put).dumps())
+    assert [o.phase for o in ctl.ledger("dead").open] == ["p", "w", "w"]
+    ctl.set(keys.lease("dead"), "[0, 1, 2]")
+    t0 = time.monotonic()
+    while ctl.get(keys.lease("dead")) is not None:
+        assert time.monotonic() - t0 < 5
+        sup.tick(ctl)
+        time.sleep(0.05)
+    assert ctl.pop_all(keys.RECORDS) == [whole.to_json()]
+    assert ctl.get(keys.pub(0, 0)) == whole.put + keys.PUBLISHED
+    assert ctl.get(keys.pub(0, 1)) is None and ctl.get(keys.pub(0, 2)) is None
+    assert removed == [half.key, untouched.key, half.key]
+    assert sorted(ctl.pop_all(keys.RETURNED)) == ["0", "1", "2"]  # 1 once it was removed
+    assert ctl.ledger("dead") == Ledger(3, 3100)
+    assert (ctl.counters()["inflight_records"], ctl.counters()["inflight_bytes"]) == (1, 100)

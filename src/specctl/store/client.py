@@ -3,6 +3,8 @@
 Producer: `lease_prompts` -> pack into `buffer(nbytes, sample)` -> `put_record` ->
 `lease.done`; or `put_record_async`, whose transfer and publication run on the client's put
 thread while the next record is packed into the other of two buffers (one put in flight).
+On the store's host, `prepare` begins a batch's puts at once (its objects reserved in one
+set of Mooncake calls) before their `buffer` calls.
 Trainer: `next_record` -> train on `got.record` (zero-copy views) -> `ack([got, ...])`;
 queued records are fetched up to `read_ahead` at a time in one batched get.
 
@@ -41,7 +43,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ from specctl.store.slots import Slot, Slots
 
 ROLES = ("producer", "trainer", "admin")
 READ_AHEAD = 4  # records a consumer fetches in one Mooncake call when that many are queued
+PREPARE_BYTES = 64 << 20  # most a producer's `prepare` reserves ahead (larger records gain little)
 _ids = itertools.count()
 
 
@@ -103,6 +106,7 @@ class Client:
         self._sends: list[Slot | None] = [None, None]  # pack buffers (see `buffer`)
         self._busy: Slot | None = None  # the one a put in flight copies from
         self._placed: _Put | None = None  # claimed, counted, its object handed out to pack
+        self._prepared: dict[tuple[int, int], _Put] = {}  # by `prepare`, not handed out yet
         self._room, self._unseen = 0, 0  # high_wm - in-flight bytes at the last reading; put since
         self._gets = 0  # records handed out, not yet counted
         self._inflight: Future[Descriptor | None] | None = None
@@ -200,15 +204,21 @@ class Client:
         """
         self._abandon()
         if sample is not None and self.objects.mapped:
-            self.flush()  # one put in progress at a time: the ledger holds one
-            put = self._claim_sample(*sample, nbytes)
-            if put is not None:
+            self.flush()  # no Mooncake call beside a put in flight (the ledger's writes too)
+            epoch, index, T = sample
+            put = self._prepared.pop((epoch, index), None)
+            if put is not None and (put.nbytes, put.desc.T) != (nbytes, T):
+                self._abandon([put])  # prepared for another size: begin it anew
+                put = None
+            if put is None and (put := self._claim_sample(epoch, index, T, nbytes)) is not None:
                 try:
                     put.buf, put.waits = self.objects.reserve(put.desc.key, nbytes)
                 except BaseException:
-                    self._take_back(put, self.ctl)
+                    self._take_back([put], self.ctl)
                     raise
-                put.placed, self._placed = True, put
+                put.placed = True
+            if put is not None:
+                self._placed = put
                 return put.buf
         i = 1 if self._busy is not None and self._busy is self._sends[0] else 0
         slot = self._sends[i]
@@ -219,12 +229,67 @@ class Client:
             slot = self._sends[i] = self.slots.new(nbytes)
         return slot.tensor[:nbytes]
 
-    def _abandon(self) -> None:
-        """Take back a put whose object was handed out by `buffer` but never put."""
+    def prepare(self, records: list[tuple[int, tuple[int, int, int]]]) -> int:
+        """Begin the puts of a batch at once (store on this host): claim each sample, count
+        them in one ledger write and reserve their objects in three Mooncake calls instead
+        of three per record; `buffer(nbytes, sample)` then hands out each one's object.
+
+        `records` are (nbytes, (epoch, index, T)), in the order they will be packed. A
+        prefix of up to PREPARE_BYTES (and a quarter of the high watermark) is prepared, so
+        a batch never holds much of the store empty; the rest, samples another producer
+        has, and those the full store had no room for go the one-by-one way, as does the
+        whole batch when in-flight bytes are above the high watermark (prepare never waits).
+        Puts prepared earlier and not handed out are taken back first. Returns how many
+        were prepared.
+        """
+        self.flush()
+        self._abandon(self._prepared.values())
+        if not self.objects.mapped:
+            return 0
+        budget = min(PREPARE_BYTES, self.high_wm // 4 or PREPARE_BYTES, self.capacity)
+        picked, total = [], 0
+        for nbytes, sample in records:
+            total += nbytes
+            if total > budget:
+                break
+            picked.append((nbytes, sample))
+        if len(picked) < 2:  # one is as fast the one-by-one way
+            return 0
+        puts = [p for n, (e, i, t) in picked if (p := self._claim_pub(e, i, t, n)) is not None]
+        if puts and not self._count(puts, wait=False):
+            self._take_back(puts, self.ctl)  # ledger already undone: drops the claims
+            return 0
+        if not puts:
+            return 0
+        try:
+            views = self.objects.reserve_many([p.desc.key for p in puts], [p.nbytes for p in puts])
+        except BaseException:
+            self._take_back(puts, self.ctl)
+            raise
+        for put, view in zip(puts, views, strict=True):
+            if view is not None:
+                put.buf, put.placed = view, True
+                self._prepared[(put.desc.epoch, put.desc.index)] = put
+        self._take_back([p for p, v in zip(puts, views, strict=True) if v is None], self.ctl)
+        return len(self._prepared)
+
+    def is_prepared(self, epoch: int, index: int) -> bool:
+        """Whether `prepare` began this sample's put (counted: no room to wait for)."""
+        return (epoch, index) in self._prepared
+
+    def _abandon(self, prepared: Iterable[_Put] = ()) -> None:
+        """Take back the put whose object `buffer` handed out and that was never put, and
+        the `prepared` ones given (their objects removed, their samples free again)."""
+        drop = list(prepared)
         if self._placed is not None:
-            put, self._placed = self._placed, None
-            self.objects.remove(put.desc.key)
-            self._take_back(put, self.ctl)
+            drop.append(self._placed)
+            self._placed = None
+        if not drop:
+            return
+        for put in drop:
+            self._prepared.pop((put.desc.epoch, put.desc.index), None)
+        self.objects.remove_many([put.desc.key for put in drop])
+        self._take_back(drop, self.ctl)
 
     def put_record(self, buf: Any, *, epoch: int, index: int, T: int) -> Descriptor | None:
         """Put one packed record (hard-pinned) and publish its descriptor.
@@ -295,7 +360,9 @@ class Client:
             )
             placed.desc, placed.text = desc, desc.to_json()
             return placed
-        self._abandon()  # an object handed out for another record is not used
+        # an object handed out for another record is not used; one prepared for this
+        # sample is not either (the record was packed elsewhere): its claim is freed
+        self._abandon([p] if (p := self._prepared.get((epoch, index))) else [])
         nbytes = header.total_nbytes
         put = self._claim_sample(epoch, index, T, nbytes, header)
         if put is None:
@@ -312,14 +379,23 @@ class Client:
         self, epoch: int, index: int, T: int, nbytes: int, header: RecordHeader | None = None
     ) -> _Put | None:
         """Claim the publication of a sample (None: another producer has it) and count its
-        put in our ledger, waiting while in-flight bytes are too high. Without the packed
-        record's `header` (not packed yet) the descriptor lacks its CRC until the put."""
+        put in our ledger, waiting while in-flight bytes are too high."""
+        put = self._claim_pub(epoch, index, T, nbytes, header)
+        if put is not None:
+            self._count([put])
+        return put
+
+    def _claim_pub(
+        self, epoch: int, index: int, T: int, nbytes: int, header: RecordHeader | None = None
+    ) -> _Put | None:
+        """Claim the publication of a sample: at most one producer ever puts it (None: not
+        us). Without the packed record's `header` (not packed yet) the descriptor lacks its
+        CRC until the put."""
         if nbytes > self.capacity:
             raise StoreError(
                 f"record of {nbytes} bytes exceeds the store capacity {self.capacity}",
                 hint="restart the store with a larger --capacity",
             )
-        # at most one producer ever puts this sample
         token = f"{self.id}/{next(_ids)}"  # unique per put: a repeat by this client loses too
         if self.ctl.claim(keys.pub(epoch, index), token) != token:
             return None
@@ -331,14 +407,15 @@ class Client:
                 epoch=epoch, index=index, nbytes=nbytes, T=T, crc=0, producer=self.producer,
                 put=token,
             )  # fmt: skip
-        put = _Put(desc, desc.to_json(), None, None, nbytes)
-        self._reserve(put.text, nbytes)
-        return put
+        return _Put(desc, desc.to_json(), None, None, nbytes)
 
-    def _take_back(self, put: _Put, ctl: Control) -> None:
-        """Undo a counted put that will not be published (its claim is dropped)."""
-        self._write_ledger(self._ledger.undone(put.nbytes), ctl)
-        ctl.delete(keys.pub(put.desc.epoch, put.desc.index))
+    def _take_back(self, puts: list[_Put], ctl: Control) -> None:
+        """Undo counted puts that will not be published (their claims are dropped)."""
+        if not puts:
+            return
+        self._write_ledger(self._ledger.undone(p.desc.put for p in puts), ctl)
+        for put in puts:
+            ctl.delete(keys.pub(put.desc.epoch, put.desc.index))
 
     def _copy_and_publish(self, put: _Put, ctl: Control) -> Descriptor:
         """Write the record into its object (unless packed there), then publish and mark
@@ -356,11 +433,11 @@ class Client:
             else:
                 waits = self.objects.put(desc.key, int(put.buf.data_ptr()), nbytes)
         except BaseException:
-            self._take_back(put, ctl)
+            self._take_back([put], ctl)
             raise
-        self._write_ledger(self._ledger.written(put.text), ctl)
+        self._write_ledger(self._ledger.written(desc.put, put.text), ctl)
         ctl.push(keys.RECORDS, put.text)
-        self._ledger = self._ledger.published()
+        self._ledger = self._ledger.published(desc.put)
         ctl.set_many({pub: desc.put + keys.PUBLISHED, keys.acct(self.id): self._ledger.dumps()})
         if waits:
             ctl.count("waits", waits)
@@ -375,20 +452,26 @@ class Client:
         ptr = int(buf.data_ptr())
         return next((s for s in self._sends if s is not None and s.contains(ptr, nbytes)), None)
 
-    def _reserve(self, desc: str, nbytes: int) -> None:
-        """Count the put in our ledger, then read what is in flight: above the high
-        watermark the count is taken back while we wait for the low one, so a producer
-        that dies waiting leaves nothing for the reaper to undo."""
-        self._write_ledger(self._ledger.begin(desc, nbytes))
+    def _count(self, puts: list[_Put], wait: bool = True) -> bool:
+        """Count the puts in our ledger, then read what is in flight: above the high
+        watermark the count is taken back while we wait for the low one (so a producer
+        that dies waiting leaves nothing for the reaper to undo), or for good (`wait`
+        False: returns False)."""
+        rows = [(p.desc.put, p.nbytes, p.text) for p in puts]
+        nbytes = sum(p.nbytes for p in puts)
+        self._write_ledger(self._ledger.begin(rows))
         if self._fits(nbytes):
             self._unseen += nbytes
-            return
+            return True
         cur = self._read_room()
         if cur == nbytes or cur <= self.high_wm:
-            return
-        self._write_ledger(self._ledger.undone(nbytes))
+            return True
+        self._write_ledger(self._ledger.undone(p.desc.put for p in puts))
+        if not wait:
+            return False
         self._wait_for_room(cur - nbytes, nbytes)
-        self._write_ledger(self._ledger.begin(desc, nbytes))
+        self._write_ledger(self._ledger.begin(rows))
+        return True
 
     def inflight_bytes(self) -> int:
         """Bytes put and not yet acked, store-wide (one snapshot of the ledgers and counters)."""
@@ -680,7 +763,7 @@ class Client:
         if self._putter is not None:
             self._putter.shutdown()
         try:
-            self._abandon()
+            self._abandon(self._prepared.values())
             self._count_gets()
             self.leases.release_all()
             self._unfetch()

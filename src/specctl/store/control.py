@@ -15,7 +15,7 @@ client of it. The keys (all under one store, one run per store):
 | `got/<epoch>/<index>`  | value   | delivery claim: the consumer that was handed this sample |
 | `back/<put>`           | value   | hand-back claim: the consumer that handed back this put's bad record |
 | `lease/<client>`       | value   | JSON list of the seqs a producer holds and has not finished |
-| `acct/<client>`        | value   | a producer's ledger: its put totals and the put in progress (ledger.py) |
+| `acct/<client>`        | value   | a producer's ledger: its put totals and its puts in progress (ledger.py) |
 | `clients`              | append  | `role|id;` for every client that ever connected |
 | `hb/<client>`          | counter | heartbeat, bumped every lease_ttl/3 |
 | `left/<client>`        | value   | set by a clean `close()` |

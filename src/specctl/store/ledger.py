@@ -2,15 +2,17 @@
 
 Why one value: TCPStore has no multi-key atomic add, so a put noted in one key and counted
 in four counters could be killed between the round trips, leaving the reaper unable to
-tell which counts happened. Instead each producer keeps its running totals and the put in
+tell which counts happened. Instead each producer keeps its running totals and its puts in
 progress in `acct/<client>` and rewrites the whole value with one `set`: every state the
 reaper can find is consistent. Global `puts`/`put_bytes` are sums over the producers'
 ledgers, and in-flight bytes/records are those sums minus what consumers drained
 (`n/drained_*`, acked or discarded records).
 
-The put in progress has a phase:
-- `w` (writing): counted, its object may be half-written, no descriptor pushed. A dead
-  producer's `w` put is taken back (counts down, object removed, sample re-produced).
+Usually one put is in progress; a producer that `prepare`s a batch (its objects reserved
+in one round trip) has one per prepared sample. Each has a phase:
+- `w` (writing): counted, its object may be half-written or still empty, no descriptor
+  pushed. A dead producer's `w` put is taken back (counts down, object removed, sample
+  re-produced).
 - `p` (publishing): the object is whole; its descriptor may or may not have been pushed.
   A dead producer's `p` put is completed (descriptor pushed, claim marked), never re-produced:
   a descriptor pushed twice carries the same put token, and the consumer that loses the
@@ -20,6 +22,7 @@ The put in progress has a phase:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 WRITING = "w"
@@ -27,32 +30,57 @@ PUBLISHING = "p"
 
 
 @dataclass(frozen=True)
+class Open:
+    """A put in progress: its phase, put token, size and descriptor JSON."""
+
+    phase: str
+    put: str
+    nbytes: int
+    desc: str
+
+
+@dataclass(frozen=True)
 class Ledger:
     puts: int = 0
     put_bytes: int = 0
-    phase: str = ""  # "", WRITING or PUBLISHING
-    desc: str = ""  # descriptor JSON of the put in progress ("" when none)
+    open: tuple[Open, ...] = ()  # the puts in progress, oldest first
 
     def dumps(self) -> str:
-        return json.dumps([self.puts, self.put_bytes, self.phase, self.desc])
+        return json.dumps(
+            [self.puts, self.put_bytes, [[o.phase, o.put, o.nbytes, o.desc] for o in self.open]]
+        )
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Ledger:
-        puts, put_bytes, phase, desc = json.loads(raw)
-        return cls(int(puts), int(put_bytes), str(phase), str(desc))
+        puts, put_bytes, rows = json.loads(raw)
+        rows = tuple(Open(str(a), str(b), int(c), str(d)) for a, b, c, d in rows)
+        return cls(int(puts), int(put_bytes), rows)
 
-    def begin(self, desc: str, nbytes: int) -> Ledger:
-        """The put of `desc` counted, its object about to be written."""
-        return Ledger(self.puts + 1, self.put_bytes + nbytes, WRITING, desc)
+    def begin(self, puts: Iterable[tuple[str, int, str]]) -> Ledger:
+        """Puts (token, nbytes, descriptor JSON) counted, their objects about to be written."""
+        new = tuple(Open(WRITING, put, nbytes, desc) for put, nbytes, desc in puts)
+        return Ledger(
+            self.puts + len(new), self.put_bytes + sum(o.nbytes for o in new), self.open + new
+        )
 
-    def written(self, desc: str | None = None) -> Ledger:
-        """The object whole; `desc` replaces the descriptor begun with (a record packed in
-        place is begun before its header exists)."""
-        return Ledger(self.puts, self.put_bytes, PUBLISHING, self.desc if desc is None else desc)
+    def written(self, put: str, desc: str | None = None) -> Ledger:
+        """The object of `put` whole; `desc` replaces the descriptor begun with (a record
+        packed in place is begun before its header exists)."""
+        rows = tuple(
+            Open(PUBLISHING, put, o.nbytes, o.desc if desc is None else desc) if o.put == put else o
+            for o in self.open
+        )
+        return Ledger(self.puts, self.put_bytes, rows)
 
-    def published(self) -> Ledger:
-        return Ledger(self.puts, self.put_bytes)
+    def published(self, put: str) -> Ledger:
+        return Ledger(self.puts, self.put_bytes, tuple(o for o in self.open if o.put != put))
 
-    def undone(self, nbytes: int) -> Ledger:
-        """The put in progress taken back (it failed, or its producer died writing it)."""
-        return Ledger(self.puts - 1, self.put_bytes - nbytes)
+    def undone(self, puts: Iterable[str]) -> Ledger:
+        """Puts in progress taken back (failed, not used, or their producer died writing)."""
+        gone = set(puts)
+        drop = [o for o in self.open if o.put in gone]
+        return Ledger(
+            self.puts - len(drop),
+            self.put_bytes - sum(o.nbytes for o in drop),
+            tuple(o for o in self.open if o.put not in gone),
+        )

@@ -30,7 +30,8 @@ Mooncake traps handled here (facts: shared/reference/sglang-mooncake.md §2, §4
   several objects in one call and returns views of them in place (`views`). Mooncake only
   allocates, tracks and frees: the bytes never pass through a transfer. A replica
   descriptor appears only once the session ended, so the session ends before the write
-  (our control plane, not Mooncake's readiness, says when a record may be read).
+  (our control plane, not Mooncake's readiness, says when a record may be read). A
+  producer reserves a batch's objects with the same three calls (`reserve_many`).
   `SPECCTL_STORE_SHM=0` forces the transfer path (TCP, as a client on another host).
 - A client without a segment logs a harmless "Local segment descriptor not found" at
   `setup`: fd 2 is silenced around it unless SPECCTL_DEBUG is set.
@@ -174,6 +175,27 @@ class Objects:
             raise StoreError(f"put {key!r}: the reserved object is {describe(view)}")
         return view, retries
 
+    def reserve_many(self, keys: list[str], sizes: list[int]) -> list[Any | None]:
+        """Mapped segment: `reserve` of several objects in three master round trips in all,
+        without waiting: None for each the store had no room for (the caller puts those
+        one by one, once the others are published and can drain)."""
+        assert self.mapping is not None
+        codes = [int(rc) for rc in self._store.batch_put_session_start(keys, sizes, self._pin)]
+        started = [i for i, rc in enumerate(codes) if rc == 0]
+        ended = self._store.batch_put_session_end([keys[i] for i in started]) if started else []
+        bad = [(keys[i], int(rc)) for i, rc in zip(started, ended, strict=True) if rc != 0]
+        bad += [(key, rc) for key, rc in zip(keys, codes, strict=True) if rc not in (0, FULL)]
+        views = self.views([keys[i] for i in started], [sizes[i] for i in started])
+        bad += [(keys[i], v) for i, v in zip(started, views, strict=True) if isinstance(v, int)]
+        if bad:
+            self.remove_many([keys[i] for i in started])
+            key, rc = bad[0]
+            raise StoreError(f"put {key!r}: {describe(rc)}")
+        out: list[Any | None] = [None] * len(keys)
+        for i, view in zip(started, views, strict=True):
+            out[i] = view
+        return out
+
     def _while_full(self, key: str, nbytes: int, wait_s: float, attempt: Callable[[], int]) -> int:
         """`attempt()` again while it answers -200 (full: back-pressure, not failure), up to
         wait_s; raises on any other error. Returns the retries."""
@@ -195,6 +217,8 @@ class Objects:
         """Mapped segment: for each key a view of its object in place (the record's bytes,
         no copy), or NOT_FOUND. One master round trip for all keys."""
         assert self.mapping is not None
+        if not keys:
+            return []
         found = self._store.batch_get_replica_desc(keys)  # logs "Object not found" if missing
         out: list[Any] = []
         for key, size in zip(keys, sizes, strict=True):

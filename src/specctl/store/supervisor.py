@@ -2,9 +2,10 @@
 
 A heartbeat is a counter each client bumps; we time its changes with our own clock, so
 clients' clocks do not matter. A producer silent for `lease_ttl_s` is declared dead and:
-1. the put in progress in its ledger (ledger.py) is settled: one still being written is
-   taken back (counts down, object force-removed); one whose object was whole is published
-   (descriptor pushed, claim marked), as the producer would have;
+1. the puts in progress in its ledger (ledger.py) are settled: one still being written (or
+   prepared, not yet written) is taken back (counts down, object force-removed); one whose
+   object was whole is published (descriptor pushed, claim marked), as the producer would
+   have;
 2. its publication claims on its leased seqs that are not marked published are dropped;
 3. its lease (`lease/<id>`, the seqs it had not finished) goes back to `q/returned`.
 Each step reads and writes whole values, so a kill at any point of a put leaves the counts
@@ -68,7 +69,7 @@ class Supervisor:
 
     def _reap(self, ctl: Control, cid: str) -> None:
         prompts = int(ctl.get("run/num_prompts") or 0)
-        stuck = self._settle_put(ctl, cid)
+        stuck = self._settle_puts(ctl, cid)
         raw = ctl.get(keys.lease(cid))
         seqs: list[int] = json.loads(raw) if raw else []
         back = []
@@ -77,34 +78,35 @@ class Supervisor:
             claim = ctl.get(keys.pub(epoch, index)) or ""
             if claim.startswith(cid + "/") and not claim.endswith(keys.PUBLISHED):
                 ctl.delete(keys.pub(epoch, index))
-            if stuck is not None and stuck[0] == (epoch, index):
-                self.held[stuck[1]] = (cid, seq)
+            if (epoch, index) in stuck:
+                self.held[stuck[(epoch, index)]] = (cid, seq)
             else:
                 back.append(seq)
         ctl.push_seqs(back if prompts else seqs)
         self._write_lease(ctl, cid)
         ctl.count("requeued", len(seqs))
 
-    def _settle_put(self, ctl: Control, cid: str) -> tuple[tuple[int, int], str] | None:
-        """Finish or take back a dead producer's put in progress; the sample id and object
-        key if that is half-written (held until it can be removed)."""
+    def _settle_puts(self, ctl: Control, cid: str) -> dict[tuple[int, int], str]:
+        """Finish or take back a dead producer's puts in progress, one ledger write each;
+        returns the sample ids and object keys of those half-written (held until they can
+        be removed)."""
+        stuck: dict[tuple[int, int], str] = {}
         ledger = ctl.ledger(cid)
-        if not ledger.phase:
-            return None
-        desc = Descriptor.from_json(ledger.desc)
-        pub = keys.pub(desc.epoch, desc.index)
-        ours = ctl.get(pub) == desc.put  # not marked published; still this put's to settle
-        if ledger.phase == PUBLISHING and ours:
-            ctl.push(keys.RECORDS, ledger.desc)  # perhaps again: consumers drop the twin
-            ctl.set_many(
-                {pub: desc.put + keys.PUBLISHED, keys.acct(cid): ledger.published().dumps()}
-            )
-            return None
-        stuck = None
-        if ours:
-            rc = self.remove(desc.key) if self.remove else 0
-            stuck = ((desc.epoch, desc.index), desc.key) if rc not in (0, NOT_FOUND) else None
-        ctl.set(keys.acct(cid), ledger.undone(desc.nbytes).dumps())
+        for row in ledger.open:
+            desc = Descriptor.from_json(row.desc)
+            pub = keys.pub(desc.epoch, desc.index)
+            ours = ctl.get(pub) == desc.put  # not marked published; still this put's to settle
+            if row.phase == PUBLISHING and ours:
+                ctl.push(keys.RECORDS, row.desc)  # perhaps again: consumers drop the twin
+                ledger = ledger.published(row.put)
+                ctl.set_many({pub: desc.put + keys.PUBLISHED, keys.acct(cid): ledger.dumps()})
+                continue
+            if ours:
+                rc = self.remove(desc.key) if self.remove else 0
+                if rc not in (0, NOT_FOUND):
+                    stuck[(desc.epoch, desc.index)] = desc.key
+            ledger = ledger.undone([row.put])
+            ctl.set(keys.acct(cid), ledger.dumps())
         return stuck
 
     def _release_held(self, ctl: Control) -> None:

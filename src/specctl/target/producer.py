@@ -302,13 +302,18 @@ def _produce(
                 sink.done(seq)
         seqs, ids, samples = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         # 3. one capture pass for the lease; 4. pack each into the sink's buffer and put it
-        #    (on the store's host, its object; elsewhere record n is transferred while n + 1
-        #    is packed)
+        #    (on the store's host, its object, the batch's objects reserved at once;
+        #    elsewhere record n is transferred while n + 1 is packed)
         captured = engine.capture(samples) if samples else []
-        for seq, (epoch, index), got in zip(seqs, ids, captured, strict=True):
-            t = len(got.input_ids)
-            aux = got.aux if cfg.features == "all" else None  # "last": no aux sections
-            nbytes = record_nbytes(t, engine.hidden_size, len(aux or []), dtype)
+        records = []  # (nbytes, (epoch, index, T)): the batch's puts begin at once
+        for (epoch, index), got in zip(ids, captured, strict=True):
+            t, aux = len(got.input_ids), _aux(got, cfg)
+            records.append(
+                (record_nbytes(t, engine.hidden_size, len(aux or []), dtype), (epoch, index, t))
+            )
+        sink.prepare(records)
+        for seq, got, (nbytes, (epoch, index, t)) in zip(seqs, captured, records, strict=True):
+            aux = _aux(got, cfg)
             buf = pack_record(
                 epoch=epoch,
                 index=index,
@@ -332,6 +337,10 @@ def _produce(
                 "inflight_MB": sink.inflight_bytes() / 1e6,
             },
         )
+
+
+def _aux(got: Any, cfg: ServeTargetConfig) -> Any:
+    return got.aux if cfg.features == "all" else None  # "last": no aux sections
 
 
 def _precision(engine: Any) -> str:

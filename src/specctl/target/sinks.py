@@ -1,7 +1,8 @@
 """Where packed records go: the store (leases + put) or a folder (`--to-dir`, offline mode).
 
 Both give the producer the same calls: `lease(n)` -> seqs (None when the run is done),
-`buffer(nbytes, (epoch, index, T))` to pack into, `put(buf, epoch, index, T)` -> a future
+`prepare([(nbytes, (epoch, index, T)), ...])` for a capture batch, `buffer(nbytes, (epoch,
+index, T))` to pack into, `put(buf, epoch, index, T)` -> a future
 whose result is truthy when the put published the sample, `flush()` (wait for puts in
 flight), `done(seq)`.
 
@@ -107,12 +108,23 @@ class StoreSink:
             time.sleep(1.0)
             now = time.monotonic()
 
+    def prepare(self, records: list[tuple[int, tuple[int, int, int]]]) -> None:
+        """On the store's host: begin a capture batch's puts at once (`Client.prepare`)."""
+        if records:
+            self._wait(records[0][0])  # as its first `buffer` would (prepare never waits)
+            self.client.prepare(records)
+
     def buffer(self, nbytes: int, sample: tuple[int, int, int] | None = None) -> torch.Tensor:
-        # Wait for room here, giving up when the run is over; the put then finds room.
-        # On the store's host the buffer is the sample's object itself (packed in place)
+        # On the store's host the buffer is the sample's object itself (packed in place);
+        # a prepared one is counted already, the others wait for room here
+        if sample is None or not self.client.is_prepared(sample[0], sample[1]):
+            self._wait(nbytes)
+        return self.client.buffer(nbytes, sample)
+
+    def _wait(self, nbytes: int) -> None:
+        """Wait for room here, giving up when the run is over; the put then finds room."""
         if not self.client.wait_for_room(nbytes, give_up=self.run_over):
             raise RunOver(self.stopped or "")
-        return self.client.buffer(nbytes, sample)
 
     def put(self, buf: torch.Tensor, epoch: int, index: int, T: int) -> Future[Any]:
         return self.client.put_record_async(buf, epoch=epoch, index=index, T=T)
@@ -149,6 +161,9 @@ class LocalSink:
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes]
+
+    def prepare(self, records: list[tuple[int, tuple[int, int, int]]]) -> None:
+        pass
 
     def done(self, seq: int) -> None:
         pass
