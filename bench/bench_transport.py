@@ -59,7 +59,7 @@ from specctl.store.objects import describe, quiet_stderr
 MiB = 1 << 20
 K = 3
 GROUP = 8  # records a trainer holds per optimizer step: acked / removed together
-LEASE = 16  # records a producer captures per batch (serve-target's --lease-size default)
+LEASE = 16  # records a producer captures per batch (serve-target: ServeTargetConfig.lease_size)
 SHAPES = (576, 4096, 7168)  # SmolLM2-135M, Llama-3-8B, DeepSeek-V3 hidden sizes
 Sample = dict[str, torch.Tensor]
 
