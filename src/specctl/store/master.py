@@ -40,12 +40,13 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _binary(name: str = "mooncake_master") -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
+def _binary() -> str:
+    """mooncake_master beside our interpreter (the venv), else on PATH."""
+    local = Path(sys.executable).parent / "mooncake_master"
+    found = str(local) if local.exists() else shutil.which("mooncake_master")
     if not found:
         raise StoreError(
-            f"{name} not found",
+            "mooncake_master not found",
             hint="install mooncake-transfer-engine-non-cuda (`make setup`)",
         )
     return found
