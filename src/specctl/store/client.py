@@ -715,7 +715,9 @@ class Client:
         """Trainer resume: every seq below the cursor not in `trained` goes back to the pool.
 
         Queued descriptors and every object of the run are cleared first. Call it before
-        producers resume: a record being put during the call may be delivered twice.
+        producers resume: a put in progress during the call (on the store's host, up to a
+        prepared batch of them) may be delivered twice, or fail its CRC check and be
+        produced again (its object was freed and may be reused).
         """
         self.ctl.pop_all(keys.RECORDS)
         while self._ahead:
