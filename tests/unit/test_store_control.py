@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -48,6 +48,21 @@ def pending_put(
         ctl.count("drained_records", 2)
     ctl.set(keys.acct(cid), ledger.begin([(desc.put, nbytes, desc.to_json())]).dumps())
     return desc
+
+
+def dead_producer(ctl: Control, remove: Callable[[str], int]) -> Supervisor:
+    """A supervisor (TTL 0.2 s) of a run of 10 prompts with a producer "dead" that never beats."""
+    register(ctl, "producer", "dead")
+    ctl.set("run/num_prompts", "10")
+    return Supervisor(ttl_s=0.2, run="r1", remove=remove)
+
+
+def tick_until(sup: Supervisor, ctl: Control, done: Callable[[], bool]) -> None:
+    t0 = time.monotonic()
+    while not done():
+        assert time.monotonic() - t0 < 5
+        sup.tick(ctl)
+        time.sleep(0.05)
 
 
 def test_claim_is_won_once(ctl: Control) -> None:
@@ -150,17 +165,11 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
         removed.append(key)
         return next(codes)
 
-    sup = Supervisor(ttl_s=0.2, run="r1", remove=remove)
-    register(ctl, "producer", "dead")
-    ctl.set("run/num_prompts", "10")
+    sup = dead_producer(ctl, remove)
     desc = pending_put(ctl, "dead", 0, 4, 1000)
     ctl.set(keys.lease("dead"), "[4, 5]")
     assert ctl.counters()["inflight_bytes"] == 1000
-    t0 = time.monotonic()
-    while not removed:
-        assert time.monotonic() - t0 < 5
-        sup.tick(ctl)
-        time.sleep(0.05)
+    tick_until(sup, ctl, lambda: bool(removed))
     assert ctl.pop_all(keys.RETURNED) == ["5"]
     assert ctl.get(keys.lease("dead")) == "[4]"  # held while its key is half-written
     for _ in range(3):
@@ -177,17 +186,11 @@ def test_supervisor_undoes_a_put_that_died_before_publishing(ctl: Control) -> No
 
 def test_supervisor_publishes_a_put_whose_object_was_whole(ctl: Control) -> None:
     removed: list[str] = []
-    sup = Supervisor(ttl_s=0.2, run="r1", remove=lambda key: removed.append(key) or 0)
-    register(ctl, "producer", "dead")
-    ctl.set("run/num_prompts", "10")
+    sup = dead_producer(ctl, lambda key: removed.append(key) or 0)
     desc = pending_put(ctl, "dead", 0, 6, 500)
     ctl.set(keys.acct("dead"), ctl.ledger("dead").written(desc.put).dumps())  # died publishing
     ctl.set(keys.lease("dead"), "[6]")
-    t0 = time.monotonic()
-    while ctl.get(keys.lease("dead")) is not None:
-        assert time.monotonic() - t0 < 5
-        sup.tick(ctl)
-        time.sleep(0.05)
+    tick_until(sup, ctl, lambda: ctl.get(keys.lease("dead")) is None)
     assert ctl.pop_all(keys.RECORDS) == [desc.to_json()]  # published for it, not removed
     assert removed == [] and ctl.get(keys.pub(0, 6)) == desc.put + keys.PUBLISHED
     assert ctl.pop_all(keys.RETURNED) == ["6"]  # re-leased, it loses the marked claim
@@ -205,20 +208,14 @@ def test_supervisor_settles_each_of_a_prepared_batch(ctl: Control) -> None:
         removed.append(key)
         return next(codes[key])
 
-    sup = Supervisor(ttl_s=0.2, run="r1", remove=remove)
-    register(ctl, "producer", "dead")
-    ctl.set("run/num_prompts", "10")
+    sup = dead_producer(ctl, remove)
     whole = pending_put(ctl, "dead", 0, 0, 100)
     half = pending_put(ctl, "dead", 0, 1, 200, ctl.ledger("dead"))
     untouched = pending_put(ctl, "dead", 0, 2, 400, ctl.ledger("dead"))
     ctl.set(keys.acct("dead"), ctl.ledger("dead").written(whole.put).dumps())
     assert [o.phase for o in ctl.ledger("dead").open] == ["p", "w", "w"]
     ctl.set(keys.lease("dead"), "[0, 1, 2]")
-    t0 = time.monotonic()
-    while ctl.get(keys.lease("dead")) is not None:
-        assert time.monotonic() - t0 < 5
-        sup.tick(ctl)
-        time.sleep(0.05)
+    tick_until(sup, ctl, lambda: ctl.get(keys.lease("dead")) is None)
     assert ctl.pop_all(keys.RECORDS) == [whole.to_json()]
     assert ctl.get(keys.pub(0, 0)) == whole.put + keys.PUBLISHED
     assert ctl.get(keys.pub(0, 1)) is None and ctl.get(keys.pub(0, 2)) is None
