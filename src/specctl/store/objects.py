@@ -162,18 +162,14 @@ class Objects:
     def reserve(self, key: str, nbytes: int, *, wait_s: float = 600.0) -> tuple[Any, int]:
         """Mapped segment: a hard-pinned object of nbytes for `key`, as a view to write the
         record into, and the -200 (full) retries it took. Keys are unique per put."""
-        assert self.mapping is not None
-        retries = self._while_full(
-            key,
-            nbytes,
-            wait_s,
-            lambda: int(self._store.batch_put_session_start([key], [nbytes], self._pin)[0]),
-        )
-        check(int(self._store.batch_put_session_end([key])[0]), f"put {key!r}")
-        view = self.views([key], [nbytes])[0]
-        if isinstance(view, int):
-            raise StoreError(f"put {key!r}: the reserved object is {describe(view)}")
-        return view, retries
+        got: list[Any | None] = [None]
+
+        def attempt() -> int:
+            got[0] = self.reserve_many([key], [nbytes])[0]
+            return FULL if got[0] is None else 0
+
+        retries = self._while_full(key, nbytes, wait_s, attempt)
+        return got[0], retries
 
     def reserve_many(self, keys: list[str], sizes: list[int]) -> list[Any | None]:
         """Mapped segment: `reserve` of several objects in three master round trips in all,
