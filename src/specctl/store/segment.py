@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from specctl.errors import StoreError
+from specctl.paths import write_atomic
 
 NAME = "specctl-segment"
 
@@ -114,9 +115,7 @@ def hold(master: str, host: str, capacity: int, info: Path) -> None:
     if int(got.get("ret", -1)) != 0:
         sys.exit(f"segment: mounting {capacity} bytes failed: {got}")
     where = Where(os.getpid(), fd, _mapped_base(name, capacity), capacity, name)
-    tmp = info.with_suffix(".tmp")
-    tmp.write_text(where.dumps())
-    tmp.replace(info)
+    write_atomic(info, where.dumps().encode())  # the store polls for it
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
