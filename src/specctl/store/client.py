@@ -256,10 +256,10 @@ class Client:
         if len(picked) < 2:  # one is as fast the one-by-one way
             return 0
         puts = [p for n, (e, i, t) in picked if (p := self._claim_pub(e, i, t, n)) is not None]
-        if puts and not self._count(puts, wait=False):
-            self._take_back(puts, self.ctl)  # ledger already undone: drops the claims
-            return 0
         if not puts:
+            return 0
+        if not self._count(puts, wait=False):
+            self._take_back(puts, self.ctl)
             return 0
         try:
             views = self.objects.reserve_many([p.desc.key for p in puts], [p.nbytes for p in puts])
@@ -455,8 +455,8 @@ class Client:
     def _count(self, puts: list[_Put], wait: bool = True) -> bool:
         """Count the puts in our ledger, then read what is in flight: above the high
         watermark the count is taken back while we wait for the low one (so a producer
-        that dies waiting leaves nothing for the reaper to undo), or for good (`wait`
-        False: returns False)."""
+        that dies waiting leaves nothing for the reaper to undo). `wait` False: returns
+        False there instead, still counted, for the caller to `_take_back`."""
         rows = [(p.desc.put, p.nbytes, p.text) for p in puts]
         nbytes = sum(p.nbytes for p in puts)
         self._write_ledger(self._ledger.begin(rows))
@@ -466,9 +466,9 @@ class Client:
         cur = self._read_room()
         if cur == nbytes or cur <= self.high_wm:
             return True
-        self._write_ledger(self._ledger.undone(p.desc.put for p in puts))
         if not wait:
             return False
+        self._write_ledger(self._ledger.undone(p.desc.put for p in puts))
         self._wait_for_room(cur - nbytes, nbytes)
         self._write_ledger(self._ledger.begin(rows))
         return True
