@@ -223,3 +223,28 @@ def test_supervisor_settles_each_of_a_prepared_batch(ctl: Control) -> None:
     assert sorted(ctl.pop_all(keys.RETURNED)) == ["0", "1", "2"]  # 1 once it was removed
     assert ctl.ledger("dead") == Ledger(3, 3100)
     assert (ctl.counters()["inflight_records"], ctl.counters()["inflight_bytes"]) == (1, 100)
+
+
+def test_get_never_waits_for_a_key_deleted_while_it_reads(ctl: Control) -> None:
+    """A key deleted between an existence check and TCPStore's `get` made that get wait
+    for it (a producer's lease scan timed out in CI) or, here, answer '' for a value that
+    was never set: `Control.get` reads in one step."""
+    churn = ctl.clone()
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            churn.set("lease/other", "[1]")
+            churn.delete("lease/other")
+
+    t = threading.Thread(target=flip)
+    t.start()
+    try:
+        seen = {ctl.get("lease/other", "gone") for _ in range(3000)}
+    finally:
+        stop.set()
+        t.join()
+    assert seen <= {"[1]", "gone"}
+    assert ctl.get("never/set") is None and ctl.get("never/set", "x") == "x"
+    ctl.set("empty", "")
+    assert ctl.get("empty") == ""

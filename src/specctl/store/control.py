@@ -98,6 +98,10 @@ def counter(name: str) -> str:
     return f"n/{name}"
 
 
+_ABSENT = "\x00specctl-absent"  # no value is ever this: compare_set answers it for a missing key
+_ABSENT_BYTES = _ABSENT.encode()
+
+
 class _Guarded:
     """Forwards to a TCPStore; a lost connection becomes StoreUnavailable, not a c10d error."""
 
@@ -188,9 +192,12 @@ class Control:
 
     # values
     def get(self, key: str, default: str | None = None) -> str | None:
-        if not self.store.check([key]):
-            return default
-        return bytes(self.store.get(key)).decode()
+        """The value, or `default` when the key does not exist. TCPStore's `get` blocks until
+        a key exists (a `check` first races a `delete`: a lease key deleted in between made
+        a producer time out), so this reads with `compare_set(key, ABSENT, ABSENT)`: the
+        current value, or ABSENT for a missing key (never set), in one round trip."""
+        got = bytes(self.store.compare_set(key, _ABSENT, _ABSENT))
+        return default if got == _ABSENT_BYTES else got.decode()
 
     def set(self, key: str, value: str) -> None:
         self.store.set(key, value)
